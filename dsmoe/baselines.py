@@ -1,0 +1,5 @@
+"""Placeholder: filled in by its stage's issue."""
+
+
+def register(subparsers):
+    pass

@@ -1,0 +1,61 @@
+"""DSMoE model configuration.
+
+A DSMoE checkpoint is its dense base model with every decoder FFN partitioned into
+`n_experts` experts and a sigmoid gate added (paper §4). The base model's own config
+is kept whole as `text_config`, so any LLaMA-style causal LM (LLaMA, Mistral, Qwen2/3,
+SmolLM2) can be the base. This file may import only transformers and its sibling files:
+`save_pretrained` copies it next to the weights for `trust_remote_code=True` loading.
+"""
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+VARIANTS = ("dsmoe", "no_ste", "no_gx", "topk")
+
+
+class DSMoEConfig(PreTrainedConfig):
+    r"""
+    Args:
+        text_config: config of the dense base causal LM (any model type whose decoder MLP is SwiGLU).
+        n_experts: number of experts each FFN is split into along the intermediate dimension (Eq. 6).
+        tau: activation threshold τ of the gate G (Eq. 7); may be changed after loading.
+        variant: training forward. `"dsmoe"` (Eq. 11, straight-through), `"no_ste"` (Eq. 7, Table 3
+            ablation), `"no_gx"` (Eq. 20, Fig. 2 ablation) or `"topk"` (LLaMA-MoE baseline: softmax
+            router, fixed top-k). Inference always uses Eq. 7-8 (top-k for `"topk"`).
+        num_experts_per_tok: experts per token for the `"topk"` variant.
+        gate_init_std: std of the normal init of the gate weights Y (see `DSMoEMLP`).
+        base_architecture: class name of the dense model this one was converted from.
+    """
+
+    model_type = "dsmoe"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    n_experts: int = 8
+    tau: float = 0.5
+    variant: str = "dsmoe"
+    num_experts_per_tok: int = 3
+    gate_init_std: float = 0.02
+    base_architecture: str | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if not 0.0 < float(self.tau) < 1.0:
+            raise ValueError(f"tau must lie in the open interval (0, 1), got {self.tau}")
+        if self.n_experts < 1:
+            raise ValueError(f"n_experts must be a positive integer, got {self.n_experts}")
+        if self.variant == "topk" and not 1 <= self.num_experts_per_tok <= self.n_experts:
+            raise ValueError(f"num_experts_per_tok must lie in [1, n_experts={self.n_experts}], got {self.num_experts_per_tok}")
+        intermediate = getattr(self.text_config, "intermediate_size", None)
+        if intermediate is not None and intermediate % self.n_experts:
+            raise ValueError(
+                f"n_experts={self.n_experts} does not divide the intermediate size {intermediate}; "
+                f"choose a divisor of {intermediate}"
+            )
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+
+
+__all__ = ["DSMoEConfig", "VARIANTS"]

@@ -1,0 +1,44 @@
+"""Auxiliary losses read from the latest forward of every DSMoE layer inside a module."""
+
+import torch
+
+from .modeling_dsmoe import DSMoEMLP
+
+
+def dsmoe_layers(module):
+    """Every DSMoEMLP inside `module`, the module itself included, in order."""
+    return [m for m in module.modules() if isinstance(m, DSMoEMLP)]
+
+
+def _layers_with_forward(module, what):
+    layers = dsmoe_layers(module)
+    if not layers:
+        raise ValueError(f"{what}: no DSMoEMLP layer inside {type(module).__name__}")
+    if any(layer.last_gate_probs is None for layer in layers):
+        raise RuntimeError(f"{what}: run a forward pass first; some DSMoE layer has no routing yet")
+    return layers
+
+
+def sparsity_loss(module):
+    """Eq. 19: mean over DSMoE layers, tokens and experts of G(σ(h·Y)) from the latest forward.
+
+    G keeps σ above τ and zeroes the rest, so gradient reaches only active gate values. For the
+    no_gx variant in training every expert is active, so the term is the mean of σ itself.
+    """
+    layers = _layers_with_forward(module, "sparsity_loss")
+    terms = [(layer.last_gate_probs * layer.last_active).mean() for layer in layers]
+    return torch.stack(terms).mean()
+
+
+def load_balancing_loss(module):
+    """Switch-Transformer load-balancing loss for top-k routers, averaged over layers:
+    n · Σ_i f_i · P_i, with f_i the fraction of routed slots sent to expert i and P_i the
+    mean router probability of expert i (Fedus et al., 2022, Eq. 4)."""
+    layers = _layers_with_forward(module, "load_balancing_loss")
+    terms = []
+    for layer in layers:
+        active = layer.last_active.float()
+        fraction = active.sum(0) / active.sum()
+        mean_prob = layer.last_gate_probs.mean(0)
+        terms.append(layer.n_experts * (fraction * mean_prob).sum())
+    return torch.stack(terms).mean()

@@ -1,0 +1,200 @@
+"""DSMoE: matrix-partitioned experts with dynamic routing (Lv et al., EMNLP 2025).
+
+Read top-down: the routing rule (Eq. 7, 8, 10, 11, 20), the FFN layer `DSMoEMLP`, then the
+causal LM `DSMoEForCausalLM`, which is the dense base model with every decoder MLP replaced.
+
+Parameter names are the base model's (`model.layers.{i}.mlp.{gate,up,down}_proj.weight`) plus
+one gate per layer (`model.layers.{i}.mlp.gate.weight`, Y in Eq. 7, shape n_experts x hidden).
+Expert i owns intermediate units [i*D/n, (i+1)*D/n) of the dense FFN (Eq. 6).
+
+This file may import only torch, transformers and its sibling files: `save_pretrained` copies it
+next to the weights so that checkpoints load with `trust_remote_code=True` without `dsmoe`.
+"""
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_dsmoe import DSMoEConfig
+from .sparse_ffn import sparse_expert_ffn
+
+
+def route(logits, variant, tau, top_k, training):
+    """Per-token expert coefficients from gate logits h·Y (shape T x n).
+
+    Returns `(coef, active, probs)`:
+      - `coef`: the weight of each expert's output o_i in the FFN output (0 for inactive experts);
+      - `active`: bool mask of the experts that are computed (all of them for no_gx training);
+      - `probs`: σ(h·Y) (softmax for top-k); `probs * active` is G(σ(h·Y)), Eq. 19's term.
+    The n/k rescale (Eq. 8) is a token count and carries no gradient. A token with k = 0 gets
+    coef 0 everywhere (output exactly 0); its rescale is taken as n/max(k, 1) so that the
+    straight-through gate gradient stays finite.
+    """
+    n = logits.shape[-1]
+    if variant == "topk":
+        probs = torch.softmax(logits.float(), dim=-1)
+        top_idx = probs.topk(top_k, dim=-1).indices
+        active = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top_idx, True)
+        weights = probs * active
+        coef = weights / weights.sum(-1, keepdim=True) * n
+        return coef, active, probs
+    probs = torch.sigmoid(logits.float())
+    if training and variant == "no_gx":  # Eq. 20: every expert, weighted by σ, no threshold
+        return probs, torch.ones_like(probs, dtype=torch.bool), probs
+    active = probs > tau
+    gated = probs * active  # G(σ(h·Y)), Eq. 7
+    scale = n / active.sum(-1, keepdim=True).clamp(min=1).to(probs.dtype)  # Eq. 8
+    if training and variant == "dsmoe":
+        gated_ste = gated.detach() + probs - probs.detach()  # S(x) = sg(G(x)) + x - sg(x), Eq. 10
+        return gated_ste * scale, active, probs
+    return gated * scale, active, probs  # "no_ste" training (Eq. 7) and every variant at inference
+
+
+def check_swiglu(mlp, name="mlp"):
+    """Raise a TypeError naming `name` and its class unless `mlp` is a bias-free SwiGLU MLP."""
+    projections = [getattr(mlp, attr, None) for attr in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(p, nn.Linear) and p.bias is None for p in projections) or not hasattr(mlp, "act_fn"):
+        raise TypeError(
+            f"module {name!r} is {type(mlp).__name__}, not a SwiGLU MLP: DSMoE needs gate_proj, up_proj "
+            "and down_proj (nn.Linear without bias) and act_fn, as in LLaMA, Mistral, Qwen2/3 and SmolLM2"
+        )
+
+
+class DSMoEMLP(nn.Module):
+    """A SwiGLU FFN split into `n_experts` experts along its intermediate dimension, with a gate.
+
+    Training computes every expert with full-size GEMMs and weights each expert's slice of the
+    intermediate activations by its coefficient (equal to Σ_i coef_i·o_i, since V is linear).
+    Inference computes only the active experts (`sparse_expert_ffn`).
+
+    Gate init: Y ~ N(0, gate_init_std²), default 0.02. Each gate then opens for roughly half the
+    tokens with σ close to 0.5, so the converted model starts as a randomly routed half-width FFN
+    rescaled by n/k·σ ≈ 1; its perplexity before continued pretraining is well above the dense one
+    (numbers in the README). A zero init is avoided: σ(0) = 0.5 is not > τ = 0.5, so every expert
+    would be off.
+    """
+
+    def __init__(self, config: DSMoEConfig):
+        super().__init__()
+        text_config = config.text_config
+        self.hidden_size = text_config.hidden_size
+        self.intermediate_size = text_config.intermediate_size
+        self.n_experts = config.n_experts
+        self.expert_size = self.intermediate_size // self.n_experts
+        self.tau = float(config.tau)
+        self.variant = config.variant
+        self.top_k = config.num_experts_per_tok
+        self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=False)
+        self.act_fn = ACT2FN[text_config.hidden_act]
+        self.gate = nn.Linear(self.hidden_size, self.n_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=config.gate_init_std)
+        self.last_gate_probs = None  # σ(h·Y) (softmax for top-k), T x n, from the latest forward
+        self.last_active = None  # bool T x n, from the latest forward
+        self.routing_stats = None  # set by dsmoe.RoutingRecorder
+
+    @classmethod
+    def from_dense(cls, mlp, n_experts=8, tau=0.5, variant="dsmoe", top_k=3, gate_init_std=0.02, name="mlp"):
+        """Wrap a dense SwiGLU MLP (`gate_proj`, `up_proj`, `down_proj` Linear without bias, `act_fn`).
+
+        The dense Linear modules are reused, not copied; only the gate Y is new."""
+        check_swiglu(mlp, name)
+        hidden, intermediate = mlp.gate_proj.in_features, mlp.gate_proj.out_features
+        text_config = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": intermediate}
+        config = DSMoEConfig(text_config=text_config, n_experts=n_experts, tau=tau, variant=variant,
+                             num_experts_per_tok=top_k, gate_init_std=gate_init_std)
+        with torch.device("meta"):
+            layer = cls(config)
+        layer.gate_proj, layer.up_proj, layer.down_proj, layer.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+        weight = mlp.gate_proj.weight
+        layer.gate = nn.Linear(hidden, n_experts, bias=False, device=weight.device, dtype=weight.dtype)
+        nn.init.normal_(layer.gate.weight, std=gate_init_std)
+        return layer
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, self.hidden_size)
+        coef, active, probs = route(self.gate(x), self.variant, self.tau, self.top_k, self.training)
+        self.last_gate_probs, self.last_active = probs, active
+        if self.routing_stats is not None:
+            self.routing_stats.update(active)
+        coef = coef.to(x.dtype)
+        if self.training:
+            inter = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+            inter = inter.view(-1, self.n_experts, self.expert_size) * coef.unsqueeze(-1)
+            out = self.down_proj(inter.view(-1, self.intermediate_size))
+        else:
+            out = sparse_expert_ffn(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, coef, active, self.act_fn)
+        return out.view(hidden_states.shape)
+
+    def extra_repr(self):
+        return f"n_experts={self.n_experts}, tau={self.tau}, variant={self.variant!r}"
+
+
+class DSMoEPreTrainedModel(PreTrainedModel):
+    config_class = DSMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        if isinstance(module, DSMoEMLP):
+            nn.init.normal_(module.gate.weight, std=self.config.gate_init_std)
+        else:
+            super()._init_weights(module)
+
+
+class DSMoEForCausalLM(DSMoEPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DSMoEConfig):
+        super().__init__(config)
+        self.model = AutoModel.from_config(config.text_config)
+        for layer in self.model.layers:
+            layer.mlp = DSMoEMLP(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self._no_split_modules = getattr(self.model, "_no_split_modules", None)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = ["check_swiglu", "DSMoEMLP", "DSMoEPreTrainedModel", "DSMoEForCausalLM", "route"]

@@ -1,0 +1,92 @@
+"""Routing report: active experts per token and layer, and activated parameters (paper Table 1)."""
+
+import torch
+
+from .losses import dsmoe_layers
+
+
+class RoutingStats:
+    """Running histogram of k, the number of active experts per token, for one layer."""
+
+    def __init__(self, n_experts):
+        self.n_experts = n_experts
+        self.k_hist = torch.zeros(n_experts + 1, dtype=torch.long)
+        self.expert_counts = torch.zeros(n_experts, dtype=torch.long)
+
+    def update(self, active):
+        active = active.detach().cpu()
+        self.k_hist += torch.bincount(active.sum(-1), minlength=self.n_experts + 1)
+        self.expert_counts += active.sum(0)
+
+    @property
+    def tokens(self):
+        return int(self.k_hist.sum())
+
+    @property
+    def mean_active(self):
+        k = torch.arange(self.n_experts + 1, dtype=torch.float64)
+        return float((self.k_hist.double() * k).sum() / max(self.tokens, 1))
+
+
+class RoutingRecorder:
+    """Record routing over any number of forward passes.
+
+    >>> with RoutingRecorder(model) as rec:
+    ...     model(**batch)
+    >>> rec.report()["activated_params_pct"]
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.layers = dsmoe_layers(model)
+        self.stats = [RoutingStats(layer.n_experts) for layer in self.layers]
+
+    def __enter__(self):
+        for layer, stats in zip(self.layers, self.stats):
+            layer.routing_stats = stats
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.routing_stats = None
+        return False
+
+    def mean_active_experts(self):
+        """Per-layer mean number of active experts per token."""
+        return [stats.mean_active for stats in self.stats]
+
+    def report(self):
+        counts = activated_params(self.model, self.mean_active_experts())
+        return {
+            "tokens": self.stats[0].tokens if self.stats else 0,
+            "mean_active_experts": self.mean_active_experts(),
+            "k_histogram": [stats.k_hist.tolist() for stats in self.stats],
+            **counts,
+        }
+
+
+def ffn_params(layer):
+    return sum(p.numel() for p in (layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight))
+
+
+def activated_params(model, mean_active_experts=None):
+    """Count activated parameters as the paper's Table 1 does.
+
+    Non-FFN parameters (embeddings, attention, norms, head) plus gate parameters, plus each
+    layer's FFN parameters times the fraction of its experts used, averaged over tokens.
+    A dense model (no DSMoE layer) activates all of its parameters.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    layers = dsmoe_layers(model)
+    if mean_active_experts is None:
+        mean_active_experts = [layer.n_experts for layer in layers]
+    if len(mean_active_experts) != len(layers):
+        raise ValueError(f"got {len(mean_active_experts)} per-layer means for {len(layers)} DSMoE layers")
+    ffn = [ffn_params(layer) for layer in layers]
+    activated = total - sum(ffn)
+    activated += sum(f * k / layer.n_experts for f, k, layer in zip(ffn, mean_active_experts, layers))
+    return {
+        "total_params": total,
+        "activated_params": float(activated),
+        "activated_params_pct": 100.0 * activated / total,
+    }
