@@ -18,7 +18,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_dsmoe import DSMoEConfig
-from .sparse_ffn import sparse_expert_ffn
+from .sparse_ffn import expert_down_weights, sparse_expert_ffn
 
 
 def route(logits, variant, tau, top_k, training):
@@ -33,14 +33,15 @@ def route(logits, variant, tau, top_k, training):
     straight-through gate gradient stays finite.
     """
     n = logits.shape[-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # route in fp32 at least
     if variant == "topk":
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = torch.softmax(logits, dim=-1)
         top_idx = probs.topk(top_k, dim=-1).indices
         active = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top_idx, True)
         weights = probs * active
         coef = weights / weights.sum(-1, keepdim=True) * n
         return coef, active, probs
-    probs = torch.sigmoid(logits.float())
+    probs = torch.sigmoid(logits)
     if training and variant == "no_gx":  # Eq. 20: every expert, weighted by σ, no threshold
         return probs, torch.ones_like(probs, dtype=torch.bool), probs
     active = probs > tau
@@ -95,6 +96,7 @@ class DSMoEMLP(nn.Module):
         self.last_gate_probs = None  # σ(h·Y) (softmax for top-k), T x n, from the latest forward
         self.last_active = None  # bool T x n, from the latest forward
         self.routing_stats = None  # set by dsmoe.RoutingRecorder
+        self._down_cache = None  # (down_proj.weight, its version, V_iᵀ per expert) for inference
 
     @classmethod
     def from_dense(cls, mlp, n_experts=8, tau=0.5, variant="dsmoe", top_k=3, gate_init_std=0.02, name="mlp"):
@@ -103,7 +105,8 @@ class DSMoEMLP(nn.Module):
         The dense Linear modules are reused, not copied; only the gate Y is new."""
         check_swiglu(mlp, name)
         hidden, intermediate = mlp.gate_proj.in_features, mlp.gate_proj.out_features
-        text_config = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": intermediate}
+        text_config = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": intermediate,
+                       "num_attention_heads": 1, "num_key_value_heads": 1}
         config = DSMoEConfig(text_config=text_config, n_experts=n_experts, tau=tau, variant=variant,
                              num_experts_per_tok=top_k, gate_init_std=gate_init_std)
         with torch.device("meta"):
@@ -126,8 +129,27 @@ class DSMoEMLP(nn.Module):
             inter = inter.view(-1, self.n_experts, self.expert_size) * coef.unsqueeze(-1)
             out = self.down_proj(inter.view(-1, self.intermediate_size))
         else:
-            out = sparse_expert_ffn(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, coef, active, self.act_fn)
+            out = sparse_expert_ffn(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, coef, active,
+                                    self.act_fn, down_t=self._expert_down_weights())
         return out.view(hidden_states.shape)
+
+    def _expert_down_weights(self):
+        """V_iᵀ contiguous per expert, built on first use and rebuilt when down_proj.weight is
+        replaced, moved or changed in place (its version counter); None while it needs gradients
+        (or is an inference tensor, which has no version counter): then strided views are used."""
+        weight = self.down_proj.weight
+        if (torch.is_grad_enabled() and weight.requires_grad) or weight.is_inference():
+            return None
+        key = (weight, weight.data_ptr(), weight._version)
+        cached = self._down_cache
+        if cached is None or cached[0] is not key[0] or cached[1:3] != key[1:]:
+            with torch.inference_mode(False), torch.no_grad():
+                self._down_cache = (*key, expert_down_weights(weight, self.n_experts))
+        return self._down_cache[3]
+
+    def train(self, mode=True):
+        self._down_cache = None
+        return super().train(mode)
 
     def extra_repr(self):
         return f"n_experts={self.n_experts}, tau={self.tau}, variant={self.variant!r}"
