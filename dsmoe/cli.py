@@ -26,6 +26,12 @@ def register(subparsers):
     p.add_argument("--variant", default="dsmoe", help="dsmoe | no_ste | no_gx | topk: the training forward (default dsmoe)")
     p.add_argument("--top-k", type=int, default=3, help="experts per token of the topk variant (default 3)")
     p.add_argument("--gate-init-std", type=float, default=0.02, help="std of the normal init of the gate (default 0.02)")
+    p.add_argument("--gate-init", choices=["normal", "calibrated"], default="normal",
+                   help="normal: N(0, std²) as in the paper; calibrated (beyond the paper): every expert starts open, "
+                        "fitted on --calibration-data (see dsmoe/gate_init.py)")
+    p.add_argument("--calibration-data", help="prepared data directory (dsmoe data prepare) for --gate-init calibrated")
+    p.add_argument("--calibration-sequences", type=int, default=16, help="training sequences used to calibrate (default 16)")
+    p.add_argument("--calibration-target", type=float, default=0.9, help="gate value σ of a median token after calibration (default 0.9)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_convert)
 
@@ -47,10 +53,17 @@ def cmd_base(args):
 def cmd_convert(args):
     from .base import save_model
     from .convert import convert, load_model, validate_conversion
+    from .gate_init import calibration_ids
 
+    ids = None
+    if args.gate_init == "calibrated":
+        if not args.calibration_data:
+            raise ValueError("--gate-init calibrated needs --calibration-data DATA")
+        ids = calibration_ids(args.calibration_data, args.calibration_sequences)
     model, tokenizer = load_model(args.model)
     validate_conversion(model, args.n_experts, args.tau, args.variant, args.top_k)
-    model = convert(model, args.n_experts, args.tau, args.variant, args.top_k, args.gate_init_std)
+    model = convert(model, args.n_experts, args.tau, args.variant, args.top_k, args.gate_init_std,
+                    calibration_ids=ids, calibration_target=args.calibration_target)
     save_model(model, tokenizer, args.out)
     print(f"wrote {args.variant} model with {args.n_experts} experts per FFN, tau={args.tau}, to {args.out}")
 

@@ -24,6 +24,7 @@ class DSMoEConfig(PreTrainedConfig):
             router, fixed top-k). Inference always uses Eq. 7-8 (top-k for `"topk"`).
         num_experts_per_tok: experts per token for the `"topk"` variant.
         gate_init_std: std of the normal init of the gate weights Y (see `DSMoEMLP`).
+        gate_init: how the gates were initialised at conversion: "normal" (the paper) or "calibrated".
         base_architecture: class name of the dense model this one was converted from.
     """
 
@@ -36,6 +37,7 @@ class DSMoEConfig(PreTrainedConfig):
     variant: str = "dsmoe"
     num_experts_per_tok: int = 3
     gate_init_std: float = 0.02
+    gate_init: str = "normal"
     base_architecture: str | None = None
     tie_word_embeddings: bool = False
 

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .configuration_dsmoe import VARIANTS, DSMoEConfig
+from .gate_init import calibrated_gate_weights, capture_ffn_inputs
 from .losses import dsmoe_layers
 from .modeling_dsmoe import DSMoEForCausalLM, DSMoEMLP, check_swiglu
 
@@ -83,12 +84,21 @@ def validate_conversion(model, n_experts, tau, variant, top_k=3):
             )
 
 
-def convert(model, n_experts=8, tau=0.5, variant="dsmoe", top_k=3, gate_init_std=0.02):
+def convert(model, n_experts=8, tau=0.5, variant="dsmoe", top_k=3, gate_init_std=0.02,
+            calibration_ids=None, calibration_target=0.9):
     """Replace every decoder MLP of a LLaMA-style causal LM by a `DSMoEMLP`, in place.
 
     Returns a `DSMoEForCausalLM` that shares the given model's modules (no weight is copied).
+    Gates are initialised N(0, gate_init_std²) as in the paper, or, given `calibration_ids`
+    (N x T token ids), by `dsmoe.gate_init` so that every expert starts open with
+    σ ≈ `calibration_target` (beyond the paper).
     """
     validate_conversion(model, n_experts, tau, variant, top_k)
+    ffn_inputs = None
+    if calibration_ids is not None:
+        if variant == "topk":
+            raise ValueError("the calibrated gate init applies to sigmoid gates, not to the topk router")
+        ffn_inputs = capture_ffn_inputs(model, calibration_ids)
     text_config = copy.deepcopy(model.config)
     config = DSMoEConfig(
         text_config=text_config.to_dict(),
@@ -97,6 +107,7 @@ def convert(model, n_experts=8, tau=0.5, variant="dsmoe", top_k=3, gate_init_std
         variant=variant,
         num_experts_per_tok=top_k,
         gate_init_std=gate_init_std,
+        gate_init="normal" if calibration_ids is None else "calibrated",
         base_architecture=type(model).__name__,
     )
     config._attn_implementation = model.config._attn_implementation
@@ -104,6 +115,9 @@ def convert(model, n_experts=8, tau=0.5, variant="dsmoe", top_k=3, gate_init_std
         converted = DSMoEForCausalLM(config)
     for i, layer in enumerate(decoder_layers(model)):
         layer.mlp = DSMoEMLP.from_dense(layer.mlp, n_experts, tau, variant, top_k, gate_init_std, f"model.layers.{i}.mlp")
+        if ffn_inputs is not None:
+            weights = calibrated_gate_weights(ffn_inputs[i], n_experts, calibration_target, seed=i)
+            layer.mlp.gate.weight.data.copy_(weights)
     converted.model = model.model
     converted.lm_head = model.lm_head
     converted.generation_config = model.generation_config
