@@ -1,0 +1,240 @@
+"""Downstream benchmarks through lm-evaluation-harness (paper Table 2), with activated params per task.
+
+The loaded model is wrapped in lm-eval's `HFLM` and each task runs through `lm_eval.simple_evaluate`
+inside a `RoutingRecorder`, so every task gets its own activated-params count (the paper's activation
+differs by dataset; the count covers every token the harness feeds the model, batch padding included).
+Suites:
+
+- `local` (offline, the default): the lm-eval YAML tasks in `dsmoe/tasks/` over held-out stdlib text
+  (`dsmoe_stdlib_nextline`, multiple choice; `dsmoe_pydoc_cloze`, LAMBADA-style cloze).
+- `paper`: hellaswag, lambada_openai, piqa, social_iqa, storycloze_2016, winogrande at 0-shot; gsm8k,
+  nq_open, triviaqa, webqs at 5-shot. Needs the Hugging Face datasets (network or a filled cache).
+  storycloze_2016 needs the manually downloaded Story Cloze files: pass `--storycloze-dir DIR` or set
+  `DSMOE_STORYCLOZE_DIR` (the folder given to `datasets.load_dataset("LSDSem/story_cloze", "2016",
+  data_dir=DIR)`); without it the task is skipped with a warning.
+
+Values are lm-eval's (accuracy in [0, 1]); `primary` marks the metric Table 2 reports.
+"""
+
+import contextlib
+import difflib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from .io import atomic_file, write_csv
+from .losses import dsmoe_layers
+from .routing import RoutingRecorder
+
+log = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+STORYCLOZE_ENV = "DSMOE_STORYCLOZE_DIR"
+BOOTSTRAP_ITERS = 1000  # stderr of non-mean metrics (perplexity); lm-eval's default 100000 is slow on CPU
+
+# task -> (few-shot examples, the metric Table 2 reports as lm-eval names it: "metric,filter")
+PAPER_SUITE = {
+    "hellaswag": (0, "acc_norm,none"),
+    "lambada_openai": (0, "acc,none"),
+    "piqa": (0, "acc,none"),
+    "social_iqa": (0, "acc,none"),
+    "storycloze_2016": (0, "acc,none"),
+    "winogrande": (0, "acc,none"),
+    "gsm8k": (5, "exact_match,strict-match"),
+    "nq_open": (5, "exact_match,remove_whitespace"),
+    "triviaqa": (5, "exact_match,remove_whitespace"),
+    "webqs": (5, "exact_match,none"),
+}
+LOCAL_SUITE = {
+    "dsmoe_stdlib_nextline": (0, "acc,none"),
+    "dsmoe_pydoc_cloze": (0, "acc,none"),
+}
+SUITES = {"local": LOCAL_SUITE, "paper": PAPER_SUITE}
+CSV_COLUMNS = ["model", "variant", "task", "metric", "value", "stderr", "activated_params_pct",
+               "tau", "num_fewshot", "samples", "primary", "mean_active_experts"]
+
+
+def make_task_manager(names):
+    """A TaskManager over the local tasks, plus lm-eval's own (slow to index) unless every name is local."""
+    from lm_eval.tasks import TaskManager
+
+    local = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    return local if set(names) <= set(local.all_tasks) else TaskManager(include_path=str(TASKS_DIR))
+
+
+def check_task_names(names, task_manager):
+    known = set(task_manager.all_tasks)
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
+            hint = f"; close matches: {', '.join(close)}" if close else "; `lm_eval ls tasks` lists them"
+            raise ValueError(f"unknown lm-eval task {name!r}{hint}")
+
+
+def task_spec(name, task_manager, storycloze_dir=None):
+    """What `simple_evaluate` gets for a task: its name, or for storycloze its config with the data dir."""
+    if not name.startswith("storycloze"):
+        return name
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    storycloze_dir = storycloze_dir or os.environ.get(STORYCLOZE_ENV)
+    if not storycloze_dir:
+        return None
+    if not Path(storycloze_dir).is_dir():
+        raise FileNotFoundError(f"Story Cloze data dir {storycloze_dir!r} does not exist")
+    config = load_yaml(task_manager.task_index[name].yaml_path, resolve_func=True)
+    config.pop("tag", None)
+    return {**config, "dataset_kwargs": {**config.get("dataset_kwargs", {}), "data_dir": str(storycloze_dir)}}
+
+
+def routing_recorder(model):
+    return RoutingRecorder(model) if dsmoe_layers(model) else contextlib.nullcontext()
+
+
+def activation_report(model, recorder):
+    from .routing import activated_params
+
+    if recorder is None:
+        return {"tokens": None, "mean_active_experts": [], **activated_params(model)}
+    report = recorder.report()
+    report.pop("k_histogram")
+    return report
+
+
+def evaluate_task(lm, model, spec, num_fewshot, limit=None, task_manager=None, log_samples=False):
+    """Run one task; return lm-eval's output with `activation` (the routing report of this task) added."""
+    from lm_eval import simple_evaluate
+
+    with routing_recorder(model) as recorder:
+        out = simple_evaluate(model=lm, tasks=[spec], num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
+                              log_samples=log_samples, bootstrap_iters=BOOTSTRAP_ITERS)
+    out["activation"] = activation_report(model, recorder)
+    return out
+
+
+def wrap_model(model, tokenizer, batch_size=8):
+    """lm-eval's HFLM around an already loaded causal LM."""
+    from lm_eval.models.huggingface import HFLM
+
+    max_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return HFLM(pretrained=model.eval(), tokenizer=tokenizer, backend="causal", batch_size=batch_size, max_length=max_length)
+
+
+def bench_rows(task, out, primary_metric):
+    """Tidy rows (task, metric, value, stderr, ...) from one task's lm-eval output."""
+    results, rows = out["results"][task], []
+    for key, value in results.items():
+        if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
+            continue
+        metric, filter_name = key.split(",", 1)
+        stderr = results.get(f"{metric}_stderr,{filter_name}")
+        rows.append({
+            "task": task,
+            "metric": metric if filter_name == "none" else key,
+            "value": float(value),
+            "stderr": float(stderr) if isinstance(stderr, (int, float)) else math.nan,
+            "activated_params_pct": out["activation"]["activated_params_pct"],
+            "num_fewshot": out["n-shot"].get(task),
+            "samples": out["n-samples"].get(task, {}).get("effective"),
+            "primary": key == primary_metric,
+            "mean_active_experts": _mean(out["activation"]["mean_active_experts"]),
+        })
+    return rows
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else math.nan
+
+
+def run_bench(model, tokenizer, tasks, limit=None, batch_size=8, storycloze_dir=None, cache_dir=None, cache_key=""):
+    """Evaluate `tasks` ({name: (num_fewshot, primary metric)}); return (merged lm-eval results, tidy DataFrame).
+
+    With `cache_dir`, each task's output is kept there under `cache_key` and reused by a rerun.
+    """
+    from lm_eval.utils import handle_non_serializable
+
+    task_manager = make_task_manager(list(tasks))
+    check_task_names(list(tasks), task_manager)
+    lm = wrap_model(model, tokenizer, batch_size)
+    merged = {"results": {}, "configs": {}, "versions": {}, "n-shot": {}, "higher_is_better": {}, "n-samples": {}, "activation": {}}
+    rows = []
+    for name, (num_fewshot, primary) in tasks.items():
+        spec = task_spec(name, task_manager, storycloze_dir)
+        if spec is None:
+            log.warning("skipping %s: set --storycloze-dir or %s to the Story Cloze data dir", name, STORYCLOZE_ENV)
+            continue
+        cache = Path(cache_dir) / f"{name}.json" if cache_dir else None
+        if cache and cache.is_file() and json.loads(cache.read_text()).get("key") == cache_key:
+            out = json.loads(cache.read_text())["output"]
+        else:
+            out = evaluate_task(lm, model, spec, num_fewshot, limit, task_manager)
+            out = json.loads(json.dumps({k: out[k] for k in merged if k in out}, default=handle_non_serializable))
+            if cache:
+                with atomic_file(cache) as handle:
+                    json.dump({"key": cache_key, "output": out}, handle)
+        for key in merged:
+            if key == "activation":
+                merged[key][name] = out[key]
+            else:
+                merged[key].update(out.get(key, {}))
+        rows += bench_rows(name, out, primary)
+    return merged, pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- CLI
+
+def register(eval_subparsers):
+    from .evaluate import add_model_args
+
+    p = eval_subparsers.add_parser("bench", help="lm-eval benchmarks (local offline tasks or the paper's 10) with activated params")
+    add_model_args(p)
+    p.add_argument("--suite", default="local", choices=sorted(SUITES),
+                   help="local: offline stdlib tasks (default); paper: the paper's 10 lm-eval tasks")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="run these lm-eval tasks instead of the suite (suite tasks keep their shots, others use --num-fewshot)")
+    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples of --tasks outside the suites (default 0)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most N items per task (default all)")
+    p.add_argument("--storycloze-dir", default=None,
+                   help=f"Story Cloze 2016 data dir for storycloze_2016 (default: ${STORYCLOZE_ENV}; unset: the task is skipped)")
+    p.add_argument("--out", required=True, help="output directory: results.json (lm-eval's) and bench.csv (written atomically)")
+    p.set_defaults(func=cmd_bench)
+
+
+def select_tasks(suite, names=None, num_fewshot=0):
+    known = {**LOCAL_SUITE, **PAPER_SUITE}
+    if names is None:
+        return dict(SUITES[suite])
+    return {name: known.get(name, (num_fewshot, None)) for name in names}
+
+
+def cmd_bench(args):
+    from .evaluate import _check_args, fingerprint, load_for_eval, model_label, model_tau, model_variant, up_to_date, write_stamp
+
+    _check_args(args)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be positive, got {args.limit}")
+    tasks = select_tasks(args.suite, args.tasks, args.num_fewshot)
+    out = Path(args.out)
+    outputs, stamp = [out / "results.json", out / "bench.csv"], out / ".bench.stamp.json"
+    storycloze_dir = args.storycloze_dir or os.environ.get(STORYCLOZE_ENV)
+    task_key = fingerprint([args.model, TASKS_DIR], tau=args.tau, limit=args.limit, dtype=args.dtype, storycloze_dir=storycloze_dir)
+    key = fingerprint([args.model, TASKS_DIR], tasks=tasks, task_key=task_key, label=args.label, variant=args.variant)
+    if up_to_date(stamp, key, outputs):
+        print(f"{out}: up to date, nothing to do")
+        return
+    model, tokenizer = load_for_eval(args.model, args.dtype, args.device, args.tau)
+    results, df = run_bench(model, tokenizer, tasks, args.limit, args.batch_size, storycloze_dir,
+                            cache_dir=out / ".tasks", cache_key=task_key)
+    label = args.label or model_label(args.model)
+    variant, tau = args.variant or model_variant(model, label), model_tau(model)
+    results["dsmoe"] = {"model": label, "variant": variant, "tau": None if math.isnan(tau) else tau, "limit": args.limit}
+    df = df.assign(model=label, variant=variant, tau=tau).reindex(columns=CSV_COLUMNS)
+    with atomic_file(outputs[0]) as handle:
+        json.dump(results, handle, indent=2)
+    write_csv(df, outputs[1])
+    write_stamp(stamp, key)
+    print(df[["task", "metric", "value", "stderr", "activated_params_pct"]].to_string(index=False))

@@ -1,0 +1,175 @@
+"""Training-free partition and drop: the DualSparse-MoE-style baseline (no router, no training).
+
+Each dense SwiGLU FFN is split into `n_experts` experts along its intermediate dimension, exactly
+as DSMoE splits it (expert i owns units [i*D/n, (i+1)*D/n)). Per token, expert i is dropped when
+
+    importance_i = ‖o_i‖₂ / ‖Σ_j o_j‖₂  <  threshold,    o_i = (act(x W_i) ⊙ x U_i) V_i,
+
+i.e. when its output is small relative to the full FFN output (rule "expert", the default). Rule
+"cumulative" instead drops, smallest ‖o_i‖ first, the largest set of experts whose norms sum to less
+than threshold·‖Σ_j o_j‖, which bounds the FFN's relative error per token by the threshold. The kept
+outputs are summed with no rescaling, so threshold 0 keeps every expert: the dense FFN exactly. The norms are computed
+exactly (one extra down-projection's worth of FLOPs): this baseline measures quality against
+activated parameters, not speed; a deployment would need a cheaper proxy.
+
+Activated parameters follow the paper's Table 1 rule (`activated_params`): non-FFN parameters plus
+each layer's FFN parameters times its mean fraction of kept experts. `DropRecorder` records them.
+"""
+
+import torch
+from torch import nn
+
+from .convert import decoder_layers
+from .modeling_dsmoe import check_swiglu
+from .routing import RoutingStats, ffn_params
+
+RULES = ("expert", "cumulative")
+
+
+class PartitionedDropMLP(nn.Module):
+    """A dense SwiGLU MLP seen as `n_experts` experts; per token, experts below `threshold` are dropped."""
+
+    def __init__(self, gate_proj, up_proj, down_proj, act_fn, n_experts, threshold=0.0, rule="expert"):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
+        self.n_experts = n_experts
+        self.expert_size = gate_proj.out_features // n_experts
+        self.threshold = float(threshold)
+        self.rule = check_rule(rule)
+        self.last_importance = None  # T x n, ‖o_i‖ / ‖Σ o_j‖ from the latest forward
+        self.last_active = None  # bool T x n, the kept experts of the latest forward
+        self.routing_stats = None  # set by DropRecorder
+
+    @classmethod
+    def from_dense(cls, mlp, n_experts=8, threshold=0.0, rule="expert", name="mlp"):
+        """Wrap a dense SwiGLU MLP; its Linear modules are reused, not copied."""
+        check_swiglu(mlp, name)
+        if mlp.gate_proj.out_features % n_experts:
+            raise ValueError(
+                f"n_experts={n_experts} does not divide the intermediate size {mlp.gate_proj.out_features} of {name}"
+            )
+        return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, n_experts, threshold, rule)
+
+    def expert_importance(self, inter):
+        """‖o_i‖ / ‖Σ_j o_j‖ per token (T x n) from the intermediate activations (T x D)."""
+        w_down = self.down_proj.weight.view(-1, self.n_experts, self.expert_size)  # d x n x e
+        expert_out = torch.einsum("tne,dne->tnd", inter.view(-1, self.n_experts, self.expert_size), w_down).float()
+        total = expert_out.sum(1).norm(dim=-1, keepdim=True)
+        return expert_out.norm(dim=-1) / total.clamp(min=torch.finfo(total.dtype).tiny)
+
+    def forward(self, hidden_states):
+        inter = self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states)
+        flat = inter.reshape(-1, inter.shape[-1])
+        importance = self.expert_importance(flat)
+        if self.rule == "expert":
+            active = importance >= self.threshold
+        else:  # drop the smallest experts while their importances sum to less than the threshold
+            ordered, order = importance.sort(dim=-1)
+            dropped = ordered.cumsum(-1) < self.threshold
+            active = torch.ones_like(dropped).scatter(-1, order, ~dropped)
+        self.last_importance, self.last_active = importance, active
+        if self.routing_stats is not None:
+            self.routing_stats.update(active)
+        mask = active.to(inter.dtype).repeat_interleave(self.expert_size, dim=-1).view(inter.shape)
+        return self.down_proj(inter * mask)  # threshold 0: mask is all ones, the dense FFN bit for bit
+
+    def extra_repr(self):
+        return f"n_experts={self.n_experts}, threshold={self.threshold}, rule={self.rule!r}"
+
+
+def drop_layers(model):
+    """Every PartitionedDropMLP inside `model`, in order."""
+    return [m for m in model.modules() if isinstance(m, PartitionedDropMLP)]
+
+
+def check_threshold(threshold):
+    if not float(threshold) >= 0.0:
+        raise ValueError(f"drop threshold must be a number >= 0, got {threshold}")
+
+
+def check_rule(rule):
+    if rule not in RULES:
+        raise ValueError(f"unknown drop rule {rule!r}; choose one of {', '.join(RULES)}")
+    return rule
+
+
+def partition_for_drop(model, n_experts=8, threshold=0.0, rule="expert"):
+    """Replace every decoder MLP of a dense LLaMA-style causal LM by a `PartitionedDropMLP`, in place.
+
+    Validates everything before changing anything; returns the model."""
+    check_threshold(threshold)
+    check_rule(rule)
+    if not isinstance(n_experts, int) or n_experts < 1:
+        raise ValueError(f"n_experts must be a positive integer, got {n_experts!r}")
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        mlp = getattr(layer, "mlp", None)
+        check_swiglu(mlp, f"model.layers.{i}.mlp")
+        if mlp.gate_proj.out_features % n_experts:
+            raise ValueError(
+                f"n_experts={n_experts} does not divide the intermediate size {mlp.gate_proj.out_features} "
+                f"of model.layers.{i}.mlp"
+            )
+    for i, layer in enumerate(layers):
+        layer.mlp = PartitionedDropMLP.from_dense(layer.mlp, n_experts, threshold, rule, f"model.layers.{i}.mlp")
+    return model
+
+
+def set_threshold(model, threshold):
+    """Set the drop threshold of every PartitionedDropMLP in `model`."""
+    check_threshold(threshold)
+    layers = drop_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no PartitionedDropMLP; call partition_for_drop first")
+    for layer in layers:
+        layer.threshold = float(threshold)
+    return model
+
+
+def activated_params(model, mean_active_experts=None):
+    """Table 1 count: non-FFN params + each drop layer's FFN params × its mean kept fraction."""
+    layers = drop_layers(model)
+    if mean_active_experts is None:
+        mean_active_experts = [layer.n_experts for layer in layers]
+    if len(mean_active_experts) != len(layers):
+        raise ValueError(f"got {len(mean_active_experts)} per-layer means for {len(layers)} drop layers")
+    total = sum(p.numel() for p in model.parameters())
+    ffn = [ffn_params(layer) for layer in layers]
+    activated = total - sum(ffn) + sum(f * k / layer.n_experts for f, k, layer in zip(ffn, mean_active_experts, layers))
+    return {"total_params": total, "activated_params": float(activated), "activated_params_pct": 100.0 * activated / total}
+
+
+class DropRecorder:
+    """Record kept experts over any number of forward passes (like `dsmoe.RoutingRecorder`)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.layers = drop_layers(model)
+        if not self.layers:
+            raise ValueError(f"{type(model).__name__} has no PartitionedDropMLP to record")
+        self.stats = [RoutingStats(layer.n_experts) for layer in self.layers]
+
+    def __enter__(self):
+        for layer, stats in zip(self.layers, self.stats):
+            layer.routing_stats = stats
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.routing_stats = None
+        return False
+
+    def mean_active_experts(self):
+        return [stats.mean_active for stats in self.stats]
+
+    def report(self):
+        per_layer = self.mean_active_experts()
+        return {
+            "tokens": self.stats[0].tokens,
+            "mean_active_experts": per_layer,
+            "k_histogram": [stats.k_hist.tolist() for stats in self.stats],
+            **activated_params(self.model, per_layer),
+        }
+
+
+__all__ = ["DropRecorder", "PartitionedDropMLP", "activated_params", "drop_layers", "partition_for_drop", "set_threshold"]

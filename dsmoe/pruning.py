@@ -1,0 +1,228 @@
+"""Static FFN pruning baselines at matched activated parameters (paper Tables 1-2).
+
+- Channel pruning (LLM-Pruner style, structured): remove the same number of intermediate units from
+  every FFN, chosen per layer by first-order Taylor importance: for unit j, Σ |w·∂L/∂w| over row j of
+  gate_proj and up_proj and column j of down_proj, with ∂L/∂w the gradient of the LM loss summed
+  over the calibration sequences. The result is a narrower dense model (uniform intermediate_size).
+- Wanda (unstructured): in every FFN projection, per output row, zero the weights with the smallest
+  |W_ij|·‖X_j‖₂, X the projection's input over all calibration tokens (gathered in one pass of the
+  unpruned model, not layer by layer). Shapes are unchanged.
+
+Activated parameters follow Table 1: every parameter of the pruned model except zeroed FFN weights,
+as a percentage of the unpruned model's total (so channel pruning's total shrinks with it).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .convert import decoder_layers
+from .modeling_dsmoe import check_swiglu
+
+KINDS = ("channel", "wanda")
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def check_fraction(fraction):
+    if not 0.0 <= float(fraction) < 1.0:
+        raise ValueError(f"pruning fraction must lie in [0, 1), got {fraction}")
+    return float(fraction)
+
+
+def ffn_mlps(model):
+    """The decoder MLPs of a dense LLaMA-style causal LM (checked to be SwiGLU)."""
+    mlps = [layer.mlp for layer in decoder_layers(model)]
+    for i, mlp in enumerate(mlps):
+        check_swiglu(mlp, f"model.layers.{i}.mlp")
+    return mlps
+
+
+def ffn_param_count(model):
+    return sum(getattr(mlp, name).weight.numel() for mlp in ffn_mlps(model) for name in PROJECTIONS)
+
+
+def fraction_for_activated_pct(model, pct):
+    """The FFN fraction to remove so that the pruned model activates `pct` % of `model`'s params."""
+    total, ffn = sum(p.numel() for p in model.parameters()), ffn_param_count(model)
+    if not 0.0 < float(pct) <= 100.0:
+        raise ValueError(f"activated params percentage must lie in (0, 100], got {pct}")
+    fraction = (1.0 - float(pct) / 100.0) * total / ffn
+    if fraction >= 1.0:
+        floor = 100.0 * (total - ffn) / total
+        raise ValueError(f"cannot reach {pct}% activated params by FFN pruning: removing every FFN leaves {floor:.2f}%")
+    return fraction
+
+
+def pruned_activated_params(model, reference_total):
+    """Table 1 count of a pruned model: its parameters minus zeroed FFN weights, vs `reference_total`."""
+    total = sum(p.numel() for p in model.parameters())
+    zeros = sum(int((getattr(mlp, name).weight == 0).sum()) for mlp in ffn_mlps(model) for name in PROJECTIONS)
+    activated = total - zeros
+    return {"total_params": total, "reference_total_params": reference_total,
+            "activated_params": float(activated), "activated_params_pct": 100.0 * activated / reference_total}
+
+
+def load_calibration(data_dir, n_sequences, seq_len=None):
+    """`n_sequences` token windows (LongTensor N x seq_len) from DATA/<source>/train.npy.
+
+    Sources take turns; each source's windows are spaced evenly over its token stream."""
+    data_dir = Path(data_dir)
+    manifest_path = data_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found: --data must be a `dsmoe data prepare` directory")
+    manifest = json.loads(manifest_path.read_text())
+    seq_len = int(seq_len or manifest["seq_len"])
+    if not isinstance(n_sequences, int) or n_sequences < 1:
+        raise ValueError(f"calibration sequences must be a positive integer, got {n_sequences!r}")
+    sources = list(manifest["sources"])
+    counts = {name: n_sequences // len(sources) + (i < n_sequences % len(sources)) for i, name in enumerate(sources)}
+    windows = []
+    for name, count in counts.items():
+        if count == 0:
+            continue
+        path = data_dir / name / "train.npy"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found (source {name!r} of {manifest_path})")
+        stream = np.load(path, mmap_mode="r")
+        if stream.ndim != 1 or len(stream) < seq_len:
+            raise ValueError(f"{path} must be a 1-D token stream of at least seq_len={seq_len} tokens, got shape {stream.shape}")
+        for start in np.linspace(0, len(stream) - seq_len, count).astype(np.int64):
+            windows.append(np.asarray(stream[start : start + seq_len], dtype=np.int64))
+    return torch.from_numpy(np.stack(windows))
+
+
+def _batches(calibration, batch_size, desc):
+    return tqdm(calibration.split(batch_size), desc=desc, leave=False)
+
+
+def taylor_channel_importance(model, calibration, batch_size=1):
+    """First-order Taylor importance of every intermediate unit: a list (one per layer) of D-vectors."""
+    mlps = ffn_mlps(model)
+    weights = [getattr(mlp, name).weight for mlp in mlps for name in PROJECTIONS]
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+            w.grad = None
+        for batch in _batches(calibration, batch_size, "taylor importance"):
+            model(input_ids=batch, labels=batch).loss.backward()
+        scores = []
+        for mlp in mlps:
+            gate, up, down = (getattr(mlp, name).weight for name in PROJECTIONS)
+            score = (gate * gate.grad).abs().sum(1) + (up * up.grad).abs().sum(1) + (down * down.grad).abs().sum(0)
+            scores.append(score.detach().double())
+    finally:
+        for w in weights:
+            w.grad = None
+        for p, flag in saved:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return scores
+
+
+def prune_channels(model, fraction, importance):
+    """Remove round(fraction·D) least important intermediate units from every FFN, in place.
+
+    Returns the removed unit indices per layer (sorted)."""
+    fraction = check_fraction(fraction)
+    mlps = ffn_mlps(model)
+    widths = {mlp.gate_proj.out_features for mlp in mlps}
+    if len(widths) != 1:
+        raise ValueError(f"channel pruning needs one intermediate size across layers, got {sorted(widths)}")
+    width = widths.pop()
+    n_remove = int(round(fraction * width))
+    if n_remove >= width:
+        raise ValueError(f"fraction {fraction} would remove all {width} intermediate units")
+    removed = []
+    for mlp, score in zip(mlps, importance):
+        drop = torch.sort(torch.argsort(score, stable=True)[:n_remove]).values
+        keep = torch.ones(width, dtype=torch.bool)
+        keep[drop] = False
+        for name in ("gate_proj", "up_proj"):
+            setattr(mlp, name, _sliced_linear(getattr(mlp, name), rows=keep))
+        mlp.down_proj = _sliced_linear(mlp.down_proj, cols=keep)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = width - n_remove
+        removed.append(drop)
+    model.config.intermediate_size = width - n_remove
+    return removed
+
+
+def _sliced_linear(linear, rows=None, cols=None):
+    weight = linear.weight.detach()
+    weight = weight[rows] if rows is not None else weight[:, cols]
+    out = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    out.weight.data.copy_(weight)
+    return out
+
+
+def wanda_input_norms(model, calibration, batch_size=1):
+    """‖X_j‖₂ over all calibration tokens of the input of every FFN projection: {(layer, name): vector}."""
+    sums, hooks = {}, []
+
+    def hook(key):
+        def accumulate(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[key] = sums.get(key, 0) + (x * x).sum(0)
+        return accumulate
+
+    for i, mlp in enumerate(ffn_mlps(model)):
+        for name in PROJECTIONS:
+            hooks.append(getattr(mlp, name).register_forward_pre_hook(hook((i, name))))
+    try:
+        with torch.no_grad():
+            for batch in _batches(calibration, batch_size, "wanda activations"):
+                model(input_ids=batch)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return {key: value.sqrt() for key, value in sums.items()}
+
+
+def prune_wanda(model, fraction, input_norms):
+    """Per output row of every FFN projection, zero the round(fraction·in) weights with the
+    smallest |W|·‖X‖, in place. Returns the boolean masks of zeroed weights {(layer, name): mask}."""
+    fraction = check_fraction(fraction)
+    masks = {}
+    for i, mlp in enumerate(ffn_mlps(model)):
+        for name in PROJECTIONS:
+            weight = getattr(mlp, name).weight
+            k = int(round(fraction * weight.shape[1]))
+            mask = torch.zeros_like(weight, dtype=torch.bool)
+            if k:
+                score = weight.detach().abs().double() * input_norms[(i, name)].to(weight.device)
+                mask.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, True)
+            with torch.no_grad():
+                weight.masked_fill_(mask, 0.0)
+            masks[(i, name)] = mask
+    return masks
+
+
+def prune(model, kind, fraction, calibration, batch_size=1):
+    """Prune a dense causal LM in place; returns a summary dict (written as pruning.json)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown pruning kind {kind!r}; choose one of {', '.join(KINDS)}")
+    fraction = check_fraction(fraction)
+    reference_total = sum(p.numel() for p in model.parameters())
+    if kind == "channel":
+        removed = prune_channels(model, fraction, taylor_channel_importance(model, calibration, batch_size))
+        detail = {"importance": "first-order taylor |w*dL/dw| over gate/up rows and down column",
+                  "removed_units_per_layer": len(removed[0]) if removed else 0,
+                  "intermediate_size": model.config.intermediate_size}
+    else:
+        masks = prune_wanda(model, fraction, wanda_input_norms(model, calibration, batch_size))
+        zeros = sum(int(m.sum()) for m in masks.values())
+        detail = {"importance": "wanda |W|*||X|| per output row", "zeroed_ffn_fraction": zeros / sum(m.numel() for m in masks.values())}
+    return {"kind": kind, "fraction": fraction, "calibration_sequences": len(calibration),
+            "calibration_seq_len": calibration.shape[1], **detail, **pruned_activated_params(model, reference_total)}
+
+
+__all__ = ["KINDS", "check_fraction", "fraction_for_activated_pct", "load_calibration", "prune", "prune_channels",
+           "prune_wanda", "pruned_activated_params", "taylor_channel_importance", "wanda_input_norms"]

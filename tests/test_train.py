@@ -1,0 +1,197 @@
+"""Trainer: learning, sparsity, resume after SIGKILL, variants and bad input (dsmoe/train.py).
+
+Tiny random LLaMA (vocab 320, hidden 32, 2 layers) converted to 8 experts, on the builtin sources.
+"""
+
+import csv
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_data import tiny_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import dsmoe
+from dsmoe import data
+from dsmoe.base import save_model
+from dsmoe.config import validate_config
+from dsmoe.train import TrainingDiverged, param_groups, train
+
+SEQ_LEN = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only contend on a shared CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_config(steps, batch_size=8, **train):
+    settings = {"tokens": steps * batch_size * SEQ_LEN, "batch_size": batch_size, "micro_batch_size": 4, "lr": 3e-3,
+                "warmup_steps": 2, "log_every": 1, "checkpoint_every": 1000, "seed": 7, **train}
+    return validate_config({"data": {"seq_len": SEQ_LEN, "val_sequences": 2}, "train": settings})
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """`(dense_dir, dsmoe_dir, data_dir)` of a tiny model and its tokenised data."""
+    root = tmp_path_factory.mktemp("train")
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id)
+    save_model(LlamaForCausalLM(config), tokenizer, root / "dense")
+    model, _ = dsmoe.load_model(str(root / "dense"))
+    save_model(dsmoe.convert(model, n_experts=8, tau=0.5), tokenizer, root / "dsmoe")
+    data.prepare(run_config(80), tokenizer, root / "data")
+    return root / "dense", root / "dsmoe", root / "data"
+
+
+def read_log(run_dir):
+    with open(Path(run_dir) / "train_log.csv", newline="") as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def test_loss_goes_down_and_log_is_complete(setup, tmp_path):
+    _, init, data_dir = setup
+    train(run_config(30, sparsity_lambda=0.01), init, data_dir, tmp_path / "run")
+    log = read_log(tmp_path / "run")
+    assert [row["step"] for row in log] == list(range(1, 31))
+    assert {"tokens", "lm_loss", "sparsity_loss", "lambda", "lr", "tokens_per_s", "mean_active_fraction",
+            "layer_0", "layer_1"} <= set(log[0])
+    assert log[-1]["tokens"] == 30 * 8 * SEQ_LEN
+    first, last = sum(r["lm_loss"] for r in log[:3]) / 3, sum(r["lm_loss"] for r in log[-3:]) / 3
+    assert last < first - 0.5
+    saved = dsmoe.load_model(str(tmp_path / "run" / "model"))[0]
+    assert isinstance(saved, dsmoe.DSMoEForCausalLM) and saved.config.variant == "dsmoe"
+
+
+def test_large_lambda_lowers_activation(setup, tmp_path):
+    _, init, data_dir = setup
+    for lam in (0.0, 20.0):
+        train(run_config(8, sparsity_lambda=lam), init, data_dir, tmp_path / f"lam{lam}")
+    without, strong = read_log(tmp_path / "lam0.0")[-1], read_log(tmp_path / "lam20.0")[-1]
+    assert without["sparsity_loss"] > 0 and without["lambda"] == 0.0 and strong["lambda"] == 20.0
+    assert strong["mean_active_fraction"] < 0.5 * without["mean_active_fraction"]
+    assert strong["mean_active_fraction"] == pytest.approx((strong["layer_0"] + strong["layer_1"]) / 16)
+
+
+RUNNER = """
+import sys, torch
+torch.set_num_threads(1)
+from dsmoe.config import validate_config
+from dsmoe.train import train
+config = validate_config({"data": {"seq_len": %d, "val_sequences": 2}, "train": %s})
+train(config, sys.argv[1], sys.argv[2], sys.argv[3])
+"""
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(setup, tmp_path, caplog):
+    _, init, data_dir = setup
+    settings = dict(run_config(40, checkpoint_every=4, keep_checkpoints=2)["train"])
+    script = RUNNER % (SEQ_LEN, repr(settings))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", script, str(init), str(data_dir)]
+    train(run_config(40, checkpoint_every=4, keep_checkpoints=2), init, data_dir, tmp_path / "whole")
+
+    killed = subprocess.Popen(command + [str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "checkpoints" / "step_4").exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "model").exists(), "the run finished before it could be killed"
+    with caplog.at_level(logging.INFO, logger="dsmoe.train"):
+        train(run_config(40, checkpoint_every=4, keep_checkpoints=2), init, data_dir, tmp_path / "killed")
+    assert "resuming from" in caplog.text and "step_" in caplog.text
+
+    whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "model" / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6, msg=name)
+    log_whole, log_resumed = read_log(tmp_path / "whole"), read_log(tmp_path / "killed")
+    assert [r["step"] for r in log_resumed] == list(range(1, 41))
+    assert log_resumed[-1]["lm_loss"] == pytest.approx(log_whole[-1]["lm_loss"], abs=1e-6)
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step_36", "step_40"]
+
+
+def test_variants_choose_their_auxiliary_loss(setup, tmp_path):
+    dense, init, data_dir = setup
+    train(run_config(2, log_every=2), init, data_dir, tmp_path / "topk", variant="topk")
+    row = read_log(tmp_path / "topk")[-1]
+    assert row["load_balancing_loss"] > 0 and row["sparsity_loss"] == 0
+    assert row["layer_0"] == pytest.approx(3.0)  # top_k experts per token
+    assert json.loads((tmp_path / "topk" / "model" / "config.json").read_text())["variant"] == "topk"
+    train(run_config(2, log_every=2), dense, data_dir, tmp_path / "dense", variant="dense")
+    row = read_log(tmp_path / "dense")[-1]
+    assert row["sparsity_loss"] == 0 and row["mean_active_fraction"] == 1.0
+    with pytest.raises(ValueError, match="init model is dense"):
+        train(run_config(2), dense, data_dir, tmp_path / "bad", variant="no_ste")
+
+
+def test_adaptive_lambda_and_gate_learning_rate(setup, tmp_path):
+    _, init, data_dir = setup
+    adaptive = {"enabled": True, "target_fraction": 0.01, "rate": 2.0}
+    train(run_config(3, sparsity_lambda=0.5, adaptive_sparsity=adaptive), init, data_dir, tmp_path / "run")
+    assert [row["lambda"] for row in read_log(tmp_path / "run")] == [0.5, 1.0, 2.0]  # too dense: λ grows
+    model, _ = dsmoe.load_model(str(init))
+    groups = param_groups(model, 0.1, gate_lr=1e-2)
+    gates = {id(layer.gate.weight) for layer in dsmoe.dsmoe_layers(model)}
+    assert {id(p) for p in groups[-1]["params"]} == gates and groups[-1]["lr"] == 1e-2
+    assert all(p.dim() == 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
+
+
+def test_bad_inputs(setup, tmp_path):
+    _, init, data_dir = setup
+    with pytest.raises(ValueError, match="smaller than one batch"):
+        train(validate_config({"data": {"seq_len": SEQ_LEN}, "train": {"tokens": 100, "batch_size": 8}}),
+              init, data_dir, tmp_path / "tiny")
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        train(run_config(2), init, tmp_path / "nodata", tmp_path / "x")
+
+    train(run_config(2, checkpoint_every=1), init, data_dir, tmp_path / "run")
+    with pytest.raises(ValueError, match="different config.*--overwrite"):
+        train(run_config(2, lr=1e-4), init, data_dir, tmp_path / "run")
+    train(run_config(2, lr=1e-4), init, data_dir, tmp_path / "run", overwrite=True)
+    assert read_log(tmp_path / "run")[-1]["step"] == 2
+
+    with pytest.raises(TrainingDiverged, match="at step 2.*step_1"):
+        train(run_config(6, lr=1e30, warmup_steps=0, grad_clip=0.0, checkpoint_every=1), init, data_dir, tmp_path / "nan")
+    assert [p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()] == ["step_1"]
+    assert not (tmp_path / "nan" / "model").exists()
+
+
+def test_cli_train_reports_missing_data(setup, tmp_path, capsys):
+    from dsmoe.cli import main
+
+    _, init, _ = setup
+    config = tmp_path / "run.yaml"
+    config.write_text("data: {seq_len: 32}\ntrain: {tokens: 1000, batch_size: 2}\n")
+    code = main(["train", "--config", str(config), "--init", str(init), "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run")])
+    assert code == 2 and "no prepared data" in capsys.readouterr().err
+
+
+def test_wanda_pruned_init_keeps_its_zeros(setup, tmp_path):
+    dense, _, data_dir = setup
+    model, tokenizer = dsmoe.load_model(str(dense))
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        mlp.up_proj.weight[:, ::2] = 0  # half the weights pruned
+    save_model(model, tokenizer, tmp_path / "wanda")
+    (tmp_path / "wanda" / "pruning.json").write_text(json.dumps({"kind": "wanda", "fraction": 0.5}))
+    trained = train(run_config(3), tmp_path / "wanda", data_dir, tmp_path / "run", variant="dense")
+    weights = load_file(str(trained / "model.safetensors"))
+    up = weights["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(up[:, ::2], torch.zeros_like(up[:, ::2]))
+    assert (up[:, 1::2] != mlp.up_proj.weight[:, 1::2]).any()  # the rest did train
