@@ -29,10 +29,14 @@ def build_base_model(config):
     return model, tokenizer
 
 
-def save_model(model, tokenizer, out):
-    """Write `model` and `tokenizer` to `out` atomically (safetensors + config + tokenizer)."""
+def save_model(model, tokenizer, out, extra_files=(), **save_kwargs):
+    """Write `model` and `tokenizer` (and copies of `extra_files`) to `out` atomically."""
+    import shutil
+
     from .io import atomic_dir
 
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **save_kwargs)
         tokenizer.save_pretrained(tmp)
+        for extra in extra_files:
+            shutil.copy(extra, tmp)

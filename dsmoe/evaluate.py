@@ -271,6 +271,15 @@ def _columns(df, model, args):
     return df.assign(model=label, variant=args.variant or model_variant(model, label), tau=model_tau(model))
 
 
+def apply_pruning_record(summary, model_path):
+    """A statically pruned model counts activated params against its unpruned parent (pruning.json)."""
+    record = Path(model_path) / "pruning.json"
+    if not record.is_file():
+        return summary
+    pruning = json.loads(record.read_text())
+    return summary.assign(activated_params=pruning["activated_params"], activated_params_pct=pruning["activated_params_pct"])
+
+
 def cmd_ppl(args):
     _check_args(args)
     out = Path(args.out)
@@ -284,7 +293,7 @@ def cmd_ppl(args):
     model, _ = load_for_eval(args.model, args.dtype, args.device, args.tau)
     df = evaluate_ppl(model, validation, args.batch_size, args.max_sequences)
     front = ["model", "variant", "tau"]
-    summary = _columns(df, model, args)
+    summary = apply_pruning_record(_columns(df, model, args), args.model)
     write_csv(summary[front + list(df.columns)], outputs[0])
     layers = _columns(df.attrs["layers"], model, args)
     write_csv(layers[front + ["source", "layer", "mean_active_experts"]], outputs[1])

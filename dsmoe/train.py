@@ -338,24 +338,24 @@ def train(config, init, data_dir, out, variant=None, overwrite=False, resume=Tru
                              "data_position": sampler.state(), "tokens": step * tokens_per_step}
             last_checkpoint = str(save_checkpoint(accelerator, out, step, trainer_state, tc["keep_checkpoints"]))
     bar.close()
-    return save_final_model(accelerator, model, tokenizer, out / "model", resolve_dtype(config["dtype"]))
+    extra_files = [Path(init) / "pruning.json"] if (Path(init) / "pruning.json").is_file() else []
+    return save_final_model(accelerator, model, tokenizer, out / "model", resolve_dtype(config["dtype"]), extra_files)
 
 
-def save_final_model(accelerator, model, tokenizer, path, dtype):
-    """The trained model, in the run's dtype, via save_pretrained (atomic); FSDP shards are gathered."""
+def save_final_model(accelerator, model, tokenizer, path, dtype, extra_files=()):
+    """The trained model, in the run's dtype, via save_pretrained (atomic); FSDP shards are gathered.
+
+    `extra_files` (a pruned init's pruning.json) are copied beside it."""
     from .base import save_model
-    from .io import atomic_dir
 
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # a collective under FSDP
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         if state_dict is not None and accelerator.distributed_type.name == "FSDP":
-            with atomic_dir(path) as tmp:
-                unwrapped.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state_dict.items()})
-                tokenizer.save_pretrained(tmp)
+            save_model(unwrapped, tokenizer, path, extra_files, state_dict={k: v.to(dtype) for k, v in state_dict.items()})
         else:
-            save_model(unwrapped.to(dtype), tokenizer, path)
+            save_model(unwrapped.to(dtype), tokenizer, path, extra_files)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return path

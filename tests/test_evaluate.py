@@ -235,3 +235,17 @@ def test_model_label_variant_and_tau(byte_model):
     assert model_variant(moe, "dense_continued") == "no_gx" and model_tau(moe) == 0.3
     topk = dsmoe.convert(LlamaForCausalLM(tiny_llama_config(vocab_size=256)), n_experts=4, variant="topk", top_k=2)
     assert math.isnan(model_tau(topk))
+
+
+def test_pruned_model_counts_activated_params_against_its_parent(tmp_path):
+    import json as _json
+
+    import pandas as _pd
+
+    from dsmoe.evaluate import apply_pruning_record
+
+    summary = _pd.DataFrame({"source": ["a", "all"], "activated_params": [10.0, 10.0], "activated_params_pct": [100.0, 100.0]})
+    assert apply_pruning_record(summary, tmp_path).equals(summary)
+    (tmp_path / "pruning.json").write_text(_json.dumps({"activated_params": 6.0, "activated_params_pct": 60.0}))
+    pruned = apply_pruning_record(summary, tmp_path)
+    assert pruned["activated_params_pct"].tolist() == [60.0, 60.0] and pruned["activated_params"].tolist() == [6.0, 6.0]

@@ -195,3 +195,4 @@ def test_wanda_pruned_init_keeps_its_zeros(setup, tmp_path):
     up = weights["model.layers.0.mlp.up_proj.weight"]
     assert torch.equal(up[:, ::2], torch.zeros_like(up[:, ::2]))
     assert (up[:, 1::2] != mlp.up_proj.weight[:, 1::2]).any()  # the rest did train
+    assert json.loads((trained / "pruning.json").read_text())["kind"] == "wanda"  # evaluation counts against it
