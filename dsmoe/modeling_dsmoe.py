@@ -68,7 +68,8 @@ class DSMoEMLP(nn.Module):
 
     Training computes every expert with full-size GEMMs and weights each expert's slice of the
     intermediate activations by its coefficient (equal to Σ_i coef_i·o_i, since V is linear).
-    Inference computes only the active experts (`sparse_expert_ffn`).
+    Inference computes only the active experts (`sparse_expert_ffn`), with V_iᵀ cached
+    contiguously per expert (one extra copy of down_proj, built lazily, dropped by `.train()`).
 
     Gate init: Y ~ N(0, gate_init_std²), default 0.02. Each gate then opens for roughly half the
     tokens with σ close to 0.5, so the converted model starts as a randomly routed half-width FFN
@@ -96,7 +97,7 @@ class DSMoEMLP(nn.Module):
         self.last_gate_probs = None  # σ(h·Y) (softmax for top-k), T x n, from the latest forward
         self.last_active = None  # bool T x n, from the latest forward
         self.routing_stats = None  # set by dsmoe.RoutingRecorder
-        self._down_cache = None  # (down_proj.weight, its version, V_iᵀ per expert) for inference
+        self._down_cache = None  # (down_proj.weight, its data_ptr, its version, V_iᵀ per expert), eval only
 
     @classmethod
     def from_dense(cls, mlp, n_experts=8, tau=0.5, variant="dsmoe", top_k=3, gate_init_std=0.02, name="mlp"):
@@ -136,7 +137,8 @@ class DSMoEMLP(nn.Module):
     def _expert_down_weights(self):
         """V_iᵀ contiguous per expert, built on first use and rebuilt when down_proj.weight is
         replaced, moved or changed in place (its version counter); None while it needs gradients
-        (or is an inference tensor, which has no version counter): then strided views are used."""
+        (or is an inference tensor, which has no version counter): then strided views are used.
+        Writes through `.data` bypass the version counter: call `.eval()` after them."""
         weight = self.down_proj.weight
         if (torch.is_grad_enabled() and weight.requires_grad) or weight.is_inference():
             return None
