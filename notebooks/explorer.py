@@ -1,0 +1,41 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Routing explorer
+#
+# Load a DSMoE checkpoint, type a text, and see how many experts each token activates in each
+# layer. Change `text` (or `model_dir`) and rerun the cells.
+
+# %% tags=["parameters"]
+run_dir = "../results/default"
+model_dir = "../results/default/models/dsmoe/model"
+text = "def add(a, b):\n    return a + b\n\nThe quick brown fox jumps over the lazy dog."
+
+# %%
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+import dsmoe
+from dsmoe import figures
+
+model, tokenizer = dsmoe.load_model(model_dir)
+print(f"{type(model).__name__}: {model.config.n_experts} experts per FFN, τ = {model.config.tau}")
+
+# %%
+tokens, activity = figures.token_activity(model, tokenizer, text)
+ax = figures.explorer_heatmap(tokens, activity, model.config.n_experts)
+ax.set_title(f"active experts per token and layer (mean {activity.mean():.2f} of {model.config.n_experts})")
+figures.save_figure(ax.figure, Path(run_dir) / "figures", "explorer")
+plt.show()

@@ -1,0 +1,45 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Layer-wise activation (Fig. 3)
+#
+# Mean number of active experts per layer and validation source, one heatmap per trained model,
+# and the per-layer profile as lines. The paper finds a W-shaped profile across depth.
+
+# %% tags=["parameters"]
+run_dir = "../results/default"
+models = "dsmoe no_ste no_gx topk"
+
+# %%
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from dsmoe import figures
+
+data = figures.load_run(run_dir)
+figures_dir = Path(run_dir) / "figures"
+models = models.split()
+
+# %%
+for model in models:
+    ax = figures.heatmap(data["layers"], model)
+    figures.save_figure(ax.figure, figures_dir, f"heatmap_{model}")
+    plt.show()
+
+# %%
+ax = figures.layer_profile(data["layers"], models)
+ax.set_title("mean active experts per layer (all sources)")
+figures.save_figure(ax.figure, figures_dir, "layer_profile")
+plt.show()

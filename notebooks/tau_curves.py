@@ -1,0 +1,48 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # τ curves (Table 4, Fig. 2)
+#
+# Left: the trained DSMoE model evaluated at each τ without retraining (Table 4), the paper's
+# LLaMA-1B/7B dashed. Then Fig. 2: the model trained without G(x) and thresholded only at
+# inference, over a fine τ grid, with DSMoE's own point starred.
+
+# %% tags=["parameters"]
+run_dir = "../results/default"
+paper_results = None  # default: dsmoe/paper_results.yaml
+
+# %%
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from dsmoe import figures
+
+data = figures.load_run(run_dir)
+paper = figures.load_paper(paper_results or figures.PAPER_RESULTS)
+figures_dir = Path(run_dir) / "figures"
+sweep = data["sweep"]
+
+# %%
+if (sweep["variant"] == "dsmoe").any():
+    fig = figures.tau_curves(sweep, paper)
+    figures.save_figure(fig, figures_dir, "tau_curves")
+    plt.show()
+
+# %%
+if (sweep["variant"] == "no_gx").any():
+    dsmoe_point = figures.overall(data["ppl"]).loc["dsmoe"]
+    fig = figures.no_gx_curve(sweep, dsmoe_point)
+    figures.save_figure(fig, figures_dir, "no_gx_curve")
+    plt.show()

@@ -1,0 +1,42 @@
+rule prune:
+    """Static pruning of the dense base model (LLM-Pruner-style channels, or Wanda), matched in size
+    to the trained DSMoE model's activated params unless baselines.prune_fraction fixes it; the
+    pruned model is then trained like the others (rule pretrain)."""
+    input:
+        unpack(prune_inputs),
+    output:
+        model=directory(f"{RESULTS}/init/prune_{{kind}}"),
+    params:
+        size=prune_size_flag(),
+        calibration_sequences=config["baselines"]["calibration_sequences"],
+    log:
+        f"{LOGS}/prune/{{kind}}.log",
+    conda:
+        ENV
+    shell:
+        "dsmoe baseline prune --model {input.model} --kind {wildcards.kind} {params.size}"
+        " --data {input.data} --calibration-sequences {params.calibration_sequences}"
+        " --out {output.model} > {log} 2>&1"
+
+
+rule drop_sweep:
+    """DualSparse-style training-free baseline: partition the dense model and drop weak experts per
+    token, over a sweep of thresholds."""
+    input:
+        model=rules.base_model.output.model,
+        data=rules.data.output.data,
+    output:
+        drop=f"{RESULTS}/eval/drop/drop.csv",
+    params:
+        thresholds=" ".join(str(t) for t in config["baselines"]["drop_thresholds"]),
+        n_experts=config["dsmoe"]["n_experts"],
+        max_sequences=max_sequences_flag(),
+        batch_size=config["eval"]["batch_size"],
+    log:
+        f"{LOGS}/drop_sweep.log",
+    conda:
+        ENV
+    shell:
+        "dsmoe baseline drop --model {input.model} --data {input.data} --label drop"
+        " --thresholds {params.thresholds} --n-experts {params.n_experts}"
+        " --batch-size {params.batch_size} {params.max_sequences} --out {output.drop} > {log} 2>&1"

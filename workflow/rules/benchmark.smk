@@ -1,0 +1,40 @@
+rule eval_ppl:
+    """Per-source validation perplexity, activated params and per-layer active experts (Table 1, Fig. 3)."""
+    input:
+        model=eval_model_dir,
+        data=rules.data.output.data,
+    output:
+        ppl=f"{RESULTS}/eval/ppl/{{model}}/ppl.csv",
+        layers=f"{RESULTS}/eval/ppl/{{model}}/layers.csv",
+    params:
+        out_dir=subpath(output.ppl, parent=True),
+        max_sequences=max_sequences_flag(),
+        batch_size=config["eval"]["batch_size"],
+    log:
+        f"{LOGS}/eval_ppl/{{model}}.log",
+    conda:
+        ENV
+    shell:
+        "dsmoe eval ppl --model {input.model} --data {input.data} --label {wildcards.model}"
+        " --batch-size {params.batch_size} {params.max_sequences} --out {params.out_dir} > {log} 2>&1"
+
+
+rule benchmark:
+    """Downstream tasks through lm-evaluation-harness (Table 2): offline local tasks or the paper's ten."""
+    input:
+        model=eval_model_dir,
+    output:
+        bench=f"{RESULTS}/eval/bench/{{model}}/bench.csv",
+        results=f"{RESULTS}/eval/bench/{{model}}/results.json",
+    params:
+        out_dir=subpath(output.bench, parent=True),
+        suite=config["eval"]["bench_suite"],
+        limit=bench_limit_flag(),
+        batch_size=config["eval"]["batch_size"],
+    log:
+        f"{LOGS}/benchmark/{{model}}.log",
+    conda:
+        ENV
+    shell:
+        "dsmoe eval bench --model {input.model} --label {wildcards.model} --suite {params.suite}"
+        " --batch-size {params.batch_size} {params.limit} --out {params.out_dir} > {log} 2>&1"

@@ -1,0 +1,158 @@
+"""Helpers shared by the rules: the validated config, the run's paths, the models it builds."""
+
+import os
+from pathlib import Path
+
+import yaml
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# config/config.yaml unless --configfile names another run config (never a merge of the two).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+
+# Fills every default from the schema (dsmoe/schemas/config.schema.yaml, the single source of
+# defaults) and stops before any job runs when the config does not match it.
+validate(config, "../schemas/config.schema.yaml")
+
+RUN = config["run_name"]
+RESOURCES = f"resources/{RUN}"
+RESULTS = f"results/{RUN}"
+LOGS = f"{RESULTS}/logs"
+ENV = "../../environment.yml"
+BASEDIR = Path(os.path.relpath(workflow.basedir))  # the repository, relative to the working directory
+NOTEBOOKS = BASEDIR / "notebooks"
+PAPER_RESULTS = BASEDIR / "dsmoe" / "paper_results.yaml"
+
+CONVERTED = list(config["variants"])  # dsmoe, no_ste, no_gx, topk: converted, then trained
+PRUNED = [f"prune_{kind}" for kind in config["baselines"]["prune"]]  # pruned, then trained dense
+TRAINED = CONVERTED + (["dense_continued"] if config["dense_continued"] else []) + PRUNED
+EVALUATED = ["dense"] + TRAINED  # "dense" is the base model as it comes
+SWEEPS = {"dsmoe": "tau_sweep", "no_gx": "no_gx_tau_sweep"}  # variant -> eval key of its τ grid
+SWEPT = [variant for variant in SWEEPS if variant in CONVERTED]
+TABLES = ["table1", "table2", "table3", "table4", "claims"]
+DATA_FILES = ["ppl", "layers", "bench", "sweep", "sweep_layers", "drop"]
+
+
+wildcard_constraints:
+    variant="|".join(CONVERTED) or "none",
+    trained="|".join(TRAINED),
+    model="|".join(EVALUATED),
+    kind="channel|wanda",
+
+
+def write_run_config():
+    """The validated config with all defaults, as the `dsmoe` commands read it.
+
+    Rewritten only when its content changes, so that its date does not trigger reruns; each rule
+    lists the config sections it depends on as params instead (a params change reruns the rule).
+    """
+    path = Path(RESULTS) / "config.yaml"
+    text = yaml.safe_dump(config, sort_keys=False)
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".config.yaml.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return str(path)
+
+
+RUN_CONFIG = write_run_config()
+
+
+def model_dir(label):
+    """The checkpoint directory that a model label evaluates."""
+    if label == "dense":
+        return f"{RESOURCES}/base"
+    return f"{RESULTS}/models/{label}/model"
+
+
+def eval_model_dir(wildcards):
+    return model_dir(wildcards.model)
+
+
+def train_init(wildcards):
+    """What continued pretraining starts from: the converted, the pruned or the dense base model."""
+    if wildcards.trained in CONVERTED:
+        return f"{RESULTS}/init/{wildcards.trained}"
+    if wildcards.trained in PRUNED:
+        return f"{RESULTS}/init/{wildcards.trained}"
+    return f"{RESOURCES}/base"
+
+
+def train_variant(wildcards):
+    """The trainer's --variant: the DSMoE forward of a converted model, else plain dense training."""
+    return wildcards.trained if wildcards.trained in CONVERTED else "dense"
+
+
+def train_launcher(wildcards, resources):
+    """One process per GPU through accelerate when the job holds several GPUs, else plain `dsmoe`."""
+    gpus = int(resources.get("gpu", 0) or 0)
+    if gpus > 1:
+        return f"accelerate launch --multi_gpu --num_processes {gpus} -m dsmoe.cli"
+    return "dsmoe"
+
+
+def sweep_taus(variant):
+    return " ".join(str(tau) for tau in config["eval"][SWEEPS[variant]])
+
+
+def max_sequences_flag():
+    cap = config["eval"]["ppl_max_sequences"]
+    return "" if cap is None else f"--max-sequences {cap}"
+
+
+def bench_limit_flag():
+    limit = config["eval"]["bench_limit"]
+    return "" if limit is None else f"--limit {limit}"
+
+
+def prune_size_flag():
+    """A fixed pruning fraction, or (null) the trained DSMoE model's activated-params percent."""
+    fraction = config["baselines"]["prune_fraction"]
+    if fraction is not None:
+        return f"--fraction {fraction}"
+    return f'--match-activated-pct "$(dsmoe figures activated-pct {RESULTS}/eval/ppl/dsmoe/ppl.csv)"'
+
+
+def prune_inputs(wildcards):
+    inputs = {"model": f"{RESOURCES}/base", "data": f"{RESOURCES}/data"}
+    if config["baselines"]["prune_fraction"] is None:
+        inputs["match"] = f"{RESULTS}/eval/ppl/dsmoe/ppl.csv"
+    return inputs
+
+
+def eval_outputs(kind, filename):
+    return expand(f"{RESULTS}/eval/{kind}/{{model}}/{filename}", model=EVALUATED)
+
+
+def figure_names():
+    names = ["layer_profile", "explorer"] if "dsmoe" in CONVERTED else ["layer_profile"]
+    names += [f"heatmap_{model}" for model in CONVERTED]
+    names += ["tau_curves"] if "dsmoe" in SWEPT else []
+    names += ["no_gx_curve"] if "no_gx" in SWEPT else []
+    return names
+
+
+def figure_files(names):
+    return [f"{RESULTS}/figures/{name}.{ext}" for name in names for ext in ("png", "pdf")]
+
+
+def table_files():
+    return [f"{RESULTS}/tables/{name}.{ext}" for name in TABLES for ext in ("csv", "md")]
+
+
+def all_outputs():
+    return (
+        table_files()
+        + figure_files(figure_names())
+        + expand(f"{RESULTS}/data/{{name}}.csv", name=DATA_FILES)
+    )
+
+
+report: "../report/workflow.rst"

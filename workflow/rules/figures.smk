@@ -1,0 +1,119 @@
+rule collect:
+    """Table and figure data: every evaluation CSV of the run, concatenated per kind."""
+    input:
+        ppl=eval_outputs("ppl", "ppl.csv"),
+        layers=eval_outputs("ppl", "layers.csv"),
+        bench=eval_outputs("bench", "bench.csv"),
+        sweep=expand(f"{RESULTS}/eval/sweep/{{variant}}/sweep.csv", variant=SWEPT),
+        sweep_layers=expand(f"{RESULTS}/eval/sweep/{{variant}}/sweep_layers.csv", variant=SWEPT),
+        drop=rules.drop_sweep.output.drop,
+    output:
+        ppl=f"{RESULTS}/data/ppl.csv",
+        layers=f"{RESULTS}/data/layers.csv",
+        bench=f"{RESULTS}/data/bench.csv",
+        sweep=f"{RESULTS}/data/sweep.csv",
+        sweep_layers=f"{RESULTS}/data/sweep_layers.csv",
+        drop=f"{RESULTS}/data/drop.csv",
+    params:
+        out_dir=subpath(output.ppl, parent=True),
+    log:
+        f"{LOGS}/collect.log",
+    conda:
+        ENV
+    shell:
+        "dsmoe figures collect --out {params.out_dir} {input} > {log} 2>&1"
+
+
+rule notebook_tables:
+    """Tables 1-4 beside the paper's numbers, and the reproduced: yes/no lines."""
+    input:
+        notebook=NOTEBOOKS / "tables.ipynb",
+        data=rules.collect.output,
+        paper=PAPER_RESULTS,
+    output:
+        tables=[
+            report(path, caption="../report/tables.rst", category="Tables")
+            for path in table_files()
+        ],
+        notebook=f"{RESULTS}/notebooks/tables.ipynb",
+    params:
+        run=subpath(output.notebook, ancestor=2),
+    log:
+        f"{LOGS}/notebooks/tables.log",
+    conda:
+        ENV
+    shell:
+        "papermill {input.notebook} {output.notebook} -p run_dir {params.run}"
+        " -p paper_results {input.paper} > {log} 2>&1"
+
+
+rule notebook_heatmaps:
+    """Fig. 3: mean active experts per layer and validation source, one heatmap per model."""
+    input:
+        notebook=NOTEBOOKS / "heatmaps.ipynb",
+        data=rules.collect.output,
+    output:
+        heatmaps=[
+            report(path, caption="../report/heatmap.rst", category="Figures", subcategory="Fig. 3")
+            for path in figure_files([f"heatmap_{model}" for model in CONVERTED])
+        ],
+        profile=[
+            report(path, caption="../report/layer_profile.rst", category="Figures", subcategory="Fig. 3")
+            for path in figure_files(["layer_profile"])
+        ],
+        notebook=f"{RESULTS}/notebooks/heatmaps.ipynb",
+    params:
+        run=subpath(output.notebook, ancestor=2),
+        models=" ".join(CONVERTED),
+    log:
+        f"{LOGS}/notebooks/heatmaps.log",
+    conda:
+        ENV
+    shell:
+        "papermill {input.notebook} {output.notebook} -p run_dir {params.run}"
+        " -p models '{params.models}' > {log} 2>&1"
+
+
+rule notebook_tau_curves:
+    """Table 4 as curves, and Fig. 2: the no-G model thresholded at inference, DSMoE starred."""
+    input:
+        notebook=NOTEBOOKS / "tau_curves.ipynb",
+        data=rules.collect.output,
+        paper=PAPER_RESULTS,
+    output:
+        figures=[
+            report(path, caption="../report/tau_curves.rst", category="Figures", subcategory="Table 4, Fig. 2")
+            for path in figure_files([name for name in figure_names() if name.endswith("curves") or name.endswith("curve")])
+        ],
+        notebook=f"{RESULTS}/notebooks/tau_curves.ipynb",
+    params:
+        run=subpath(output.notebook, ancestor=2),
+    log:
+        f"{LOGS}/notebooks/tau_curves.log",
+    conda:
+        ENV
+    shell:
+        "papermill {input.notebook} {output.notebook} -p run_dir {params.run}"
+        " -p paper_results {input.paper} > {log} 2>&1"
+
+
+rule notebook_explorer:
+    """Routing explorer: active experts per token and layer of the trained DSMoE model on a text."""
+    input:
+        notebook=NOTEBOOKS / "explorer.ipynb",
+        model=model_dir("dsmoe"),
+    output:
+        figures=[
+            report(path, caption="../report/explorer.rst", category="Figures", subcategory="Explorer")
+            for path in figure_files(["explorer"])
+        ],
+        notebook=f"{RESULTS}/notebooks/explorer.ipynb",
+    params:
+        run=subpath(output.notebook, ancestor=2),
+    log:
+        f"{LOGS}/notebooks/explorer.log",
+    conda:
+        ENV
+    shell:
+        "papermill {input.notebook} {output.notebook} -p run_dir {params.run}"
+        " -p model_dir {input.model} > {log} 2>&1"

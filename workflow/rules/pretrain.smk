@@ -1,0 +1,25 @@
+rule pretrain:
+    """Continued pretraining of a converted, pruned or dense model on the run's data and budget.
+
+    Checkpoints live beside the declared output, in models/<name>/checkpoints/: an interrupted job
+    resumes from the newest one when rerun (`snakemake --rerun-incomplete`); --overwrite lets a
+    changed train config (a params change, so a rerun) discard checkpoints of the old one.
+    """
+    input:
+        init=train_init,
+        data=rules.data.output.data,
+    output:
+        model=directory(f"{RESULTS}/models/{{trained}}/model"),
+    params:
+        config=RUN_CONFIG,
+        train=config["train"],
+        variant=train_variant,
+        launch=train_launcher,
+        run_dir=subpath(output.model, parent=True),
+    log:
+        f"{LOGS}/pretrain/{{trained}}.log",
+    conda:
+        ENV
+    shell:
+        "{params.launch} train --config {params.config} --init {input.init} --data {input.data}"
+        " --variant {params.variant} --overwrite --out {params.run_dir} > {log} 2>&1"
