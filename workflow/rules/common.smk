@@ -76,6 +76,23 @@ def eval_model_dir(wildcards):
     return model_dir(wildcards.model)
 
 
+def convert_inputs(wildcards):
+    """The base model, plus the tokenised data when the gates are calibrated (beyond the paper)."""
+    inputs = {"model": f"{RESOURCES}/base"}
+    if config["dsmoe"]["gate_init"] == "calibrated" and wildcards.variant != "topk":
+        inputs["data"] = f"{RESOURCES}/data"
+    return inputs
+
+
+def gate_init_flags(wildcards, input):
+    if "data" not in input.keys():
+        return ""
+    settings = config["dsmoe"]
+    return (f"--gate-init calibrated --calibration-data {input.data}"
+            f" --calibration-sequences {settings['calibration_sequences']}"
+            f" --calibration-target {settings['calibration_target']}")
+
+
 def train_init(wildcards):
     """What continued pretraining starts from: the converted, the pruned or the dense base model."""
     if wildcards.trained in CONVERTED:

@@ -1,7 +1,7 @@
 rule convert:
     """Split every FFN of the base model into experts and add the gates (one model per variant)."""
     input:
-        model=rules.base_model.output.model,
+        unpack(convert_inputs),
     output:
         model=directory(f"{RESULTS}/init/{{variant}}"),
     params:
@@ -9,6 +9,7 @@ rule convert:
         tau=config["dsmoe"]["tau"],
         top_k=config["dsmoe"]["top_k"],
         gate_init_std=config["dsmoe"]["gate_init_std"],
+        gate_init=gate_init_flags,
     log:
         f"{LOGS}/convert/{{variant}}.log",
     conda:
@@ -16,4 +17,4 @@ rule convert:
     shell:
         "dsmoe convert --model {input.model} --variant {wildcards.variant}"
         " --n-experts {params.n_experts} --tau {params.tau} --top-k {params.top_k}"
-        " --gate-init-std {params.gate_init_std} --out {output.model} > {log} 2>&1"
+        " --gate-init-std {params.gate_init_std} {params.gate_init} --out {output.model} > {log} 2>&1"
