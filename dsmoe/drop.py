@@ -21,7 +21,7 @@ from torch import nn
 
 from .convert import decoder_layers
 from .modeling_dsmoe import check_swiglu
-from .routing import RoutingStats, ffn_params
+from . import routing
 
 RULES = ("expert", "cumulative")
 
@@ -128,48 +128,17 @@ def set_threshold(model, threshold):
 
 def activated_params(model, mean_active_experts=None):
     """Table 1 count: non-FFN params + each drop layer's FFN params × its mean kept fraction."""
-    layers = drop_layers(model)
-    if mean_active_experts is None:
-        mean_active_experts = [layer.n_experts for layer in layers]
-    if len(mean_active_experts) != len(layers):
-        raise ValueError(f"got {len(mean_active_experts)} per-layer means for {len(layers)} drop layers")
-    total = sum(p.numel() for p in model.parameters())
-    ffn = [ffn_params(layer) for layer in layers]
-    activated = total - sum(ffn) + sum(f * k / layer.n_experts for f, k, layer in zip(ffn, mean_active_experts, layers))
-    return {"total_params": total, "activated_params": float(activated), "activated_params_pct": 100.0 * activated / total}
+    return routing.activated_params(model, mean_active_experts, drop_layers(model))
 
 
-class DropRecorder:
-    """Record kept experts over any number of forward passes (like `dsmoe.RoutingRecorder`)."""
+class DropRecorder(routing.RoutingRecorder):
+    """Record kept experts over any number of forward passes (a `dsmoe.RoutingRecorder` over drop layers)."""
 
     def __init__(self, model):
-        self.model = model
-        self.layers = drop_layers(model)
-        if not self.layers:
+        layers = drop_layers(model)
+        if not layers:
             raise ValueError(f"{type(model).__name__} has no PartitionedDropMLP to record")
-        self.stats = [RoutingStats(layer.n_experts) for layer in self.layers]
-
-    def __enter__(self):
-        for layer, stats in zip(self.layers, self.stats):
-            layer.routing_stats = stats
-        return self
-
-    def __exit__(self, *exc):
-        for layer in self.layers:
-            layer.routing_stats = None
-        return False
-
-    def mean_active_experts(self):
-        return [stats.mean_active for stats in self.stats]
-
-    def report(self):
-        per_layer = self.mean_active_experts()
-        return {
-            "tokens": self.stats[0].tokens,
-            "mean_active_experts": per_layer,
-            "k_histogram": [stats.k_hist.tolist() for stats in self.stats],
-            **activated_params(self.model, per_layer),
-        }
+        super().__init__(model, layers)
 
 
 __all__ = ["DropRecorder", "PartitionedDropMLP", "activated_params", "drop_layers", "partition_for_drop", "set_threshold"]

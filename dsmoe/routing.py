@@ -36,9 +36,9 @@ class RoutingRecorder:
     >>> rec.report()["activated_params_pct"]
     """
 
-    def __init__(self, model):
+    def __init__(self, model, layers=None):
         self.model = model
-        self.layers = dsmoe_layers(model)
+        self.layers = dsmoe_layers(model) if layers is None else list(layers)
         self.stats = [RoutingStats(layer.n_experts) for layer in self.layers]
 
     def __enter__(self):
@@ -56,7 +56,7 @@ class RoutingRecorder:
         return [stats.mean_active for stats in self.stats]
 
     def report(self):
-        counts = activated_params(self.model, self.mean_active_experts())
+        counts = activated_params(self.model, self.mean_active_experts(), self.layers)
         return {
             "tokens": self.stats[0].tokens if self.stats else 0,
             "mean_active_experts": self.mean_active_experts(),
@@ -69,19 +69,20 @@ def ffn_params(layer):
     return sum(p.numel() for p in (layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight))
 
 
-def activated_params(model, mean_active_experts=None):
+def activated_params(model, mean_active_experts=None, layers=None):
     """Count activated parameters as the paper's Table 1 does.
 
     Non-FFN parameters (embeddings, attention, norms, head) plus gate parameters, plus each
     layer's FFN parameters times the fraction of its experts used, averaged over tokens.
-    A dense model (no DSMoE layer) activates all of its parameters.
+    A dense model (no DSMoE layer) activates all of its parameters. `layers` defaults to the
+    model's DSMoE layers; any layer with `n_experts` and SwiGLU projections can be counted.
     """
     total = sum(p.numel() for p in model.parameters())
-    layers = dsmoe_layers(model)
+    layers = dsmoe_layers(model) if layers is None else layers
     if mean_active_experts is None:
         mean_active_experts = [layer.n_experts for layer in layers]
     if len(mean_active_experts) != len(layers):
-        raise ValueError(f"got {len(mean_active_experts)} per-layer means for {len(layers)} DSMoE layers")
+        raise ValueError(f"got {len(mean_active_experts)} per-layer means for {len(layers)} expert layers")
     ffn = [ffn_params(layer) for layer in layers]
     activated = total - sum(ffn)
     activated += sum(f * k / layer.n_experts for f, k, layer in zip(ffn, mean_active_experts, layers))
