@@ -263,6 +263,8 @@ def tau_curves(sweep, paper=None):
     curve = sweep[sweep["variant"] == "dsmoe"].sort_values("tau")
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(curve["tau"], curve["ppl"], marker="o", label="this run")
+    if curve["ppl"].max() > 100 * curve["ppl"].min():  # an untrained or short run spans decades
+        left.set_yscale("log")
     left.set_xlabel("τ")
     left.set_ylabel("PPL (this run)")
     right.plot(curve["tau"], curve["activated_params_pct"], marker="o", label="this run")
