@@ -5,7 +5,6 @@ Each numerical check compares with an independent plain-torch write-up of the ru
 
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +25,6 @@ from dsmoe.pruning import (
     wanda_input_norms,
 )
 
-DENSE_DIR = Path(__file__).resolve().parents[1] / "resources" / "smollm2-135m-dense"
 
 
 def tiny_llama(seed=0, layers=2):
@@ -304,16 +302,13 @@ def test_load_calibration_windows(tmp_path):
         load_calibration(tmp_path, 5)
 
 
-@pytest.mark.skipif(not DENSE_DIR.exists(), reason="needs a tokenizer from resources/smollm2-135m-dense")
-def test_cli_prune_and_drop(tmp_path):
-    from transformers import AutoTokenizer
-
+def test_cli_prune_and_drop(tmp_path, smollm2_tokenizer):
     from dsmoe.cli import main
 
     data = write_fixture_data(tmp_path / "data")
     model_dir = tmp_path / "tiny"
     tiny_llama().float().save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(DENSE_DIR).save_pretrained(model_dir)
+    smollm2_tokenizer.save_pretrained(model_dir)
     out = tmp_path / "pruned"
     assert main(["baseline", "prune", "--model", str(model_dir), "--kind", "channel", "--fraction", "0.25",
                  "--data", str(data), "--calibration-sequences", "2", "--out", str(out)]) == 0
