@@ -27,5 +27,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+lint: $(STAMP)
+	$(BIN)/snakemake --lint --configfile config/config.yaml
+
 clean:
 	rm -rf $(VENV) .snakemake
