@@ -74,6 +74,13 @@ def validate_conversion(model, n_experts, tau, variant, top_k=3):
         raise ValueError(f"top_k={top_k} must lie in [1, n_experts={n_experts}]")
     if dsmoe_layers(model):
         raise ValueError(f"{type(model).__name__} is already a DSMoE model")
+    check_partitionable(model, n_experts)
+
+
+def check_partitionable(model, n_experts):
+    """Every decoder MLP must be SwiGLU with an intermediate size that `n_experts` divides."""
+    if not isinstance(n_experts, int) or n_experts < 1:
+        raise ValueError(f"n_experts must be a positive integer, got {n_experts!r}")
     for i, layer in enumerate(decoder_layers(model)):
         mlp = getattr(layer, "mlp", None)
         check_swiglu(mlp, f"model.layers.{i}.mlp")

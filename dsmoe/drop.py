@@ -19,7 +19,7 @@ each layer's FFN parameters times its mean fraction of kept experts. `DropRecord
 import torch
 from torch import nn
 
-from .convert import decoder_layers
+from .convert import check_partitionable, decoder_layers
 from .modeling_dsmoe import check_swiglu
 from . import routing
 
@@ -99,18 +99,8 @@ def partition_for_drop(model, n_experts=8, threshold=0.0, rule="expert"):
     Validates everything before changing anything; returns the model."""
     check_threshold(threshold)
     check_rule(rule)
-    if not isinstance(n_experts, int) or n_experts < 1:
-        raise ValueError(f"n_experts must be a positive integer, got {n_experts!r}")
-    layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
-        mlp = getattr(layer, "mlp", None)
-        check_swiglu(mlp, f"model.layers.{i}.mlp")
-        if mlp.gate_proj.out_features % n_experts:
-            raise ValueError(
-                f"n_experts={n_experts} does not divide the intermediate size {mlp.gate_proj.out_features} "
-                f"of model.layers.{i}.mlp"
-            )
-    for i, layer in enumerate(layers):
+    check_partitionable(model, n_experts)
+    for i, layer in enumerate(decoder_layers(model)):
         layer.mlp = PartitionedDropMLP.from_dense(layer.mlp, n_experts, threshold, rule, f"model.layers.{i}.mlp")
     return model
 
