@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dsmoe.io import atomic_file, write_csv
+from dsmoe.atomic import atomic_file, write_csv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from common import RESULTS, clock_for, check_target, default_dtype, devices, time_side_by_side, write_results
 
-from dsmoe.modeling_dsmoe import DSMoEMLP, route
-from dsmoe.sparse_ffn import expert_down_weights, sparse_expert_ffn
+from dsmoe.model.modeling_dsmoe import DSMoEMLP, route
+from dsmoe.model.sparse_ffn import expert_down_weights, sparse_expert_ffn
 
 
 def dense_ffn(x, w_gate, w_up, w_down):

@@ -1,25 +1,19 @@
 """DSMoE: matrix-partitioned experts with dynamic routing for dense LLMs (EMNLP 2025)."""
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from ._version import __version__
+from .accounting import RoutingRecorder, activated_params
+from .convert import convert
+from .hub import load_model
+from .losses import load_balancing_loss, sparsity_loss
+from .model import VARIANTS, DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, dsmoe_layers, set_tau
 
-from .configuration_dsmoe import VARIANTS, DSMoEConfig
-from .convert import convert, load_model, set_tau
-from .losses import dsmoe_layers, load_balancing_loss, sparsity_loss
-from .modeling_dsmoe import DSMoEForCausalLM, DSMoEMLP
-from .routing import RoutingRecorder, activated_params
-
-AutoConfig.register("dsmoe", DSMoEConfig, exist_ok=True)
-AutoModelForCausalLM.register(DSMoEConfig, DSMoEForCausalLM, exist_ok=True)
-DSMoEConfig.register_for_auto_class()
-DSMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-
-__version__ = "0.1.0"
 __all__ = [
     "VARIANTS",
     "DSMoEConfig",
     "DSMoEForCausalLM",
     "DSMoEMLP",
     "RoutingRecorder",
+    "__version__",
     "activated_params",
     "convert",
     "dsmoe_layers",

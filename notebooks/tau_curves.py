@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -27,22 +29,22 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from dsmoe import figures
+from dsmoe import report
 
-data = figures.load_run(run_dir)
-paper = figures.load_paper(paper_results or figures.PAPER_RESULTS)
+data = report.load_run(run_dir)
+paper = report.load_paper(paper_results or report.PAPER_RESULTS)
 figures_dir = Path(run_dir) / "figures"
 sweep = data["sweep"]
 
 # %%
 if (sweep["variant"] == "dsmoe").any():
-    fig = figures.tau_curves(sweep, paper)
-    figures.save_figure(fig, figures_dir, "tau_curves")
+    fig = report.tau_curves(sweep, paper)
+    report.save_figure(fig, figures_dir, "tau_curves")
     plt.show()
 
 # %%
 if (sweep["variant"] == "no_gx").any():
-    dsmoe_point = figures.overall(data["ppl"]).loc["dsmoe"]
-    fig = figures.no_gx_curve(sweep, dsmoe_point)
-    figures.save_figure(fig, figures_dir, "no_gx_curve")
+    dsmoe_point = report.overall(data["ppl"]).loc["dsmoe"]
+    fig = report.no_gx_curve(sweep, dsmoe_point)
+    report.save_figure(fig, figures_dir, "no_gx_curve")
     plt.show()

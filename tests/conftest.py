@@ -26,6 +26,32 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**fields)
 
 
+@pytest.fixture(scope="session")
+def llama_config():
+    """`llama_config(**overrides)`: a tiny random LlamaConfig."""
+    return tiny_llama_config
+
+
+def tiny_bpe_tokenizer():
+    """A byte-level BPE with 320 tokens trained on a few pydoc topics: tokenises any text, offline, fast."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(sorted(topics.values())[:20], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    return tiny_bpe_tokenizer()
+
+
 @pytest.fixture
 def tiny_llama():
     from transformers import LlamaForCausalLM
@@ -38,7 +64,7 @@ def tiny_llama():
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from dsmoe.convert import resolve_model
+    from dsmoe.hub import resolve_model
 
     directory, gguf_file = resolve_model("smollm2-135m")
     return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import dsmoe
-from dsmoe.drop import DropRecorder, PartitionedDropMLP, partition_for_drop, set_threshold
-from dsmoe.pruning import (
+from dsmoe.data import calibration_windows
+from dsmoe.baselines.drop import DropRecorder, PartitionedDropMLP, partition_for_drop, set_threshold
+from dsmoe.baselines.pruning import (
     check_fraction,
     fraction_for_activated_pct,
-    load_calibration,
     prune,
     prune_channels,
     prune_wanda,
@@ -294,12 +294,12 @@ def write_fixture_data(root, seq_len=8):
 
 def test_load_calibration_windows(tmp_path):
     data = write_fixture_data(tmp_path / "data")
-    calibration = load_calibration(data, 5)
+    calibration = calibration_windows(data, 5)
     assert calibration.shape == (5, 8) and calibration.dtype == torch.long
     stream = np.load(data / "code" / "train.npy")
     assert np.array_equal(calibration[0].numpy(), stream[:8])
     with pytest.raises(FileNotFoundError, match="manifest.json"):
-        load_calibration(tmp_path, 5)
+        calibration_windows(tmp_path, 5)
 
 
 def test_cli_prune_and_drop(tmp_path, smollm2_tokenizer):

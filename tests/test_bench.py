@@ -1,4 +1,4 @@
-"""lm-eval benchmarks (dsmoe.bench) and the offline stdlib tasks (dsmoe/tasks)."""
+"""lm-eval benchmarks (dsmoe.evaluation.harness) and the offline stdlib tasks (dsmoe/evaluation/tasks)."""
 
 import copy
 import json
@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import dsmoe
-from dsmoe import bench, cli
-from dsmoe.tasks import stdlib
+from dsmoe import cli
+from dsmoe.evaluation import harness
+from dsmoe.evaluation.tasks import stdlib
 
 
 @pytest.fixture(scope="module")
 def local_tasks():
-    return bench.make_task_manager(list(bench.LOCAL_SUITE))
+    return harness.make_task_manager(list(harness.LOCAL_SUITE))
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +49,17 @@ def test_local_task_data_is_held_out_and_deterministic(tmp_path):
 
 def test_local_suite_on_tiny_dense_and_dsmoe(tiny):
     model, tokenizer = tiny
-    results, df = bench.run_bench(model, tokenizer, bench.LOCAL_SUITE, limit=2, batch_size=4)
-    assert set(results["results"]) == set(bench.LOCAL_SUITE)
+    results, df = harness.run_bench(model, tokenizer, harness.LOCAL_SUITE, limit=2, batch_size=4)
+    assert set(results["results"]) == set(harness.LOCAL_SUITE)
     assert set(df["metric"]) == {"acc", "acc_norm", "perplexity"}
     primary = df[df["primary"]]
-    assert primary["task"].tolist() == list(bench.LOCAL_SUITE) and primary["metric"].tolist() == ["acc", "acc"]
+    assert primary["task"].tolist() == list(harness.LOCAL_SUITE) and primary["metric"].tolist() == ["acc", "acc"]
     assert primary["value"].between(0, 1).all() and (df["samples"] == 2).all()
     assert (df["activated_params_pct"] == 100).all()
 
     torch.manual_seed(0)
     moe = dsmoe.convert(copy.deepcopy(model), n_experts=4, tau=0.5, gate_init_std=1.0).eval()
-    results, df = bench.run_bench(moe, tokenizer, {"dsmoe_stdlib_nextline": (0, "acc,none")}, limit=2, batch_size=4)
+    results, df = harness.run_bench(moe, tokenizer, {"dsmoe_stdlib_nextline": (0, "acc,none")}, limit=2, batch_size=4)
     activation = results["activation"]["dsmoe_stdlib_nextline"]
     assert activation["tokens"] > 0 and len(activation["mean_active_experts"]) == 2
     assert 0 < df["activated_params_pct"].iloc[0] < 100
@@ -67,8 +68,8 @@ def test_local_suite_on_tiny_dense_and_dsmoe(tiny):
 
 def test_loglikelihood_matches_hand_computation(tiny, local_tasks):
     model, tokenizer = tiny
-    lm = bench.wrap_model(model, tokenizer, batch_size=4)
-    out = bench.evaluate_task(lm, model, "dsmoe_stdlib_nextline", 0, limit=1, task_manager=local_tasks, log_samples=True)
+    lm = harness.wrap_model(model, tokenizer, batch_size=4)
+    out = harness.evaluate_task(lm, model, "dsmoe_stdlib_nextline", 0, limit=1, task_manager=local_tasks, log_samples=True)
     sample = out["samples"]["dsmoe_stdlib_nextline"][0]
     doc = sample["doc"]
     for choice, (loglik, _) in zip(doc["choices"], sample["filtered_resps"]):
@@ -85,15 +86,15 @@ def test_loglikelihood_matches_hand_computation(tiny, local_tasks):
 
 def test_unknown_task_lists_close_matches(local_tasks):
     with pytest.raises(ValueError, match="close matches: dsmoe_pydoc_cloze"):
-        bench.check_task_names(["dsmoe_pydoc_clze"], local_tasks)
+        harness.check_task_names(["dsmoe_pydoc_clze"], local_tasks)
 
 
 @pytest.mark.slow
 def test_paper_task_names_are_lm_eval_tasks():
-    manager = bench.make_task_manager(["hellaswg"])  # indexes every lm-eval task (~15 s)
-    bench.check_task_names(list(bench.PAPER_SUITE) + list(bench.LOCAL_SUITE), manager)
+    manager = harness.make_task_manager(["hellaswg"])  # indexes every lm-eval task (~15 s)
+    harness.check_task_names(list(harness.PAPER_SUITE) + list(harness.LOCAL_SUITE), manager)
     with pytest.raises(ValueError, match="close matches: hellaswag"):
-        bench.check_task_names(["hellaswg"], manager)
+        harness.check_task_names(["hellaswg"], manager)
 
 
 def test_storycloze_needs_its_data_dir(tmp_path, monkeypatch):
@@ -102,14 +103,14 @@ def test_storycloze_needs_its_data_dir(tmp_path, monkeypatch):
     import lm_eval
 
     manager = TaskManager(include_path=str(Path(lm_eval.__file__).parent / "tasks" / "storycloze"), include_defaults=False)
-    monkeypatch.delenv(bench.STORYCLOZE_ENV, raising=False)
-    assert bench.task_spec("storycloze_2016", manager) is None
+    monkeypatch.delenv(harness.STORYCLOZE_ENV, raising=False)
+    assert harness.task_spec("storycloze_2016", manager) is None
     with pytest.raises(FileNotFoundError, match="Story Cloze"):
-        bench.task_spec("storycloze_2016", manager, tmp_path / "missing")
-    monkeypatch.setenv(bench.STORYCLOZE_ENV, str(tmp_path))
-    spec = bench.task_spec("storycloze_2016", manager)
+        harness.task_spec("storycloze_2016", manager, tmp_path / "missing")
+    monkeypatch.setenv(harness.STORYCLOZE_ENV, str(tmp_path))
+    spec = harness.task_spec("storycloze_2016", manager)
     assert spec["task"] == "storycloze_2016" and spec["dataset_kwargs"]["data_dir"] == str(tmp_path)
-    assert bench.task_spec("piqa", manager) == "piqa"
+    assert harness.task_spec("piqa", manager) == "piqa"
 
 
 def test_cli_bench_outputs_and_reruns(tiny_model_dir, tmp_path, capsys):
@@ -120,7 +121,7 @@ def test_cli_bench_outputs_and_reruns(tiny_model_dir, tmp_path, capsys):
     assert list(df.columns[:7]) == ["model", "variant", "task", "metric", "value", "stderr", "activated_params_pct"]
     assert set(df["variant"]) == {"dense"} and set(df["model"]) == {tiny_model_dir.name}
     results = json.loads((out / "results.json").read_text())
-    assert set(results["results"]) == set(bench.LOCAL_SUITE) and results["dsmoe"]["variant"] == "dense"
+    assert set(results["results"]) == set(harness.LOCAL_SUITE) and results["dsmoe"]["variant"] == "dense"
     capsys.readouterr()
     assert cli.main(args) == 0
     assert "up to date" in capsys.readouterr().out

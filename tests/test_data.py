@@ -1,4 +1,4 @@
-"""Data mixture: packing, splits, caching, the mixture sampler and bad input (dsmoe/data.py)."""
+"""Data mixture: packing, splits, caching, the mixture sampler and bad input (dsmoe/data/)."""
 
 import json
 import logging
@@ -8,24 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import PreTrainedTokenizerFast
 
 from dsmoe import data
 from dsmoe.config import validate_config
-
-
-def tiny_tokenizer():
-    """A byte-level BPE with 320 tokens trained on a few pydoc topics: tokenises any text, offline, fast."""
-    from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(sorted(topics.values())[:20], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
 
 
 def make_config(sources, seq_len=16, val_sequences=2, tokens=2000):
@@ -41,8 +26,8 @@ def split_documents(tokens, eos):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
+def tokenizer(bpe_tokenizer):
+    return bpe_tokenizer
 
 
 def write_jsonl(path, texts, field="text"):

@@ -1,4 +1,4 @@
-"""Perplexity, activated params and τ-sweeps (dsmoe.evaluate) against plain references."""
+"""Perplexity, activated params and τ-sweeps (dsmoe.evaluation) against plain references."""
 
 import json
 import math
@@ -7,12 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_llama_config
 from transformers import LlamaForCausalLM
 
 import dsmoe
 from dsmoe import cli
-from dsmoe.evaluate import evaluate_ppl, model_label, model_tau, model_variant, read_validation, sweep_tau
+from dsmoe.data import load_validation
+from dsmoe.evaluation import evaluate_ppl, sweep_tau
+from dsmoe.evaluation.cli import apply_pruning_record, model_label, model_method, model_tau
 
 TEXT = {
     "prose": "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm afternoon sun. " * 2,
@@ -28,9 +29,9 @@ def byte_windows(text, seq_len):
 
 
 @pytest.fixture
-def byte_model():
+def byte_model(llama_config):
     torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_llama_config(vocab_size=256)).eval()
+    return LlamaForCausalLM(llama_config(vocab_size=256)).eval()
 
 
 def reference_nll(model, windows):
@@ -126,13 +127,13 @@ def test_sweep_activation_falls_with_tau(byte_model):
     assert set(df.attrs["layers"]["tau"]) == set(taus)
 
 
-def test_sweep_refuses_dense_topk_and_bad_tau(byte_model):
+def test_sweep_refuses_dense_topk_and_bad_tau(byte_model, llama_config):
     with pytest.raises(ValueError, match="dense model"):
         sweep_tau(byte_model, {"p": byte_windows(TEXT["prose"], 16)})
     model = dsmoe.convert(byte_model, n_experts=4, tau=0.5)
     with pytest.raises(ValueError, match="open interval"):
         sweep_tau(model, {"p": byte_windows(TEXT["prose"], 16)}, taus=[0.5, 1.0])
-    topk = dsmoe.convert(LlamaForCausalLM(tiny_llama_config(vocab_size=256)), n_experts=4, variant="topk", top_k=2)
+    topk = dsmoe.convert(LlamaForCausalLM(llama_config(vocab_size=256)), n_experts=4, variant="topk", top_k=2)
     with pytest.raises(ValueError, match="topk"):
         sweep_tau(topk, {"p": byte_windows(TEXT["prose"], 16)})
 
@@ -164,15 +165,15 @@ def moe_dir(tiny_model_dir, tmp_path_factory):
     return path
 
 
-def test_read_validation(tmp_path):
+def test_load_validation(tmp_path):
     data = write_data(tmp_path / "DATA")
-    validation = read_validation(data)
+    validation = load_validation(data)
     assert {k: v.shape for k, v in validation.items()} == {"stdlib-code": (5, 12), "stdlib-prose": (3, 12)}
     np.save(data / "stdlib-code" / "val.npy", np.zeros((2, 7), dtype=np.int32))
     with pytest.raises(ValueError, match="shape"):
-        read_validation(data)
+        load_validation(data)
     with pytest.raises(FileNotFoundError, match="manifest"):
-        read_validation(tmp_path)
+        load_validation(tmp_path)
 
 
 def test_cli_ppl_writes_contract_and_skips_rerun(moe_dir, tmp_path, capsys):
@@ -225,15 +226,15 @@ def test_cli_errors(tiny_model_dir, moe_dir, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_model_label_variant_and_tau(byte_model):
+def test_model_label_variant_and_tau(byte_model, llama_config):
     assert model_label("results/run/dsmoe/model/") == "dsmoe"
     assert model_label("/x/smollm2-135m-dense") == "smollm2-135m-dense"
-    assert model_variant(byte_model) == "dense" and math.isnan(model_tau(byte_model))
-    assert model_variant(byte_model, "dense_continued") == "dense_continued"
-    assert model_variant(byte_model, "my-run") == "dense"
+    assert model_method(byte_model) == "dense" and math.isnan(model_tau(byte_model))
+    assert model_method(byte_model, "dense_continued") == "dense_continued"
+    assert model_method(byte_model, "my-run") == "dense"
     moe = dsmoe.convert(byte_model, n_experts=4, tau=0.3, variant="no_gx")
-    assert model_variant(moe, "dense_continued") == "no_gx" and model_tau(moe) == 0.3
-    topk = dsmoe.convert(LlamaForCausalLM(tiny_llama_config(vocab_size=256)), n_experts=4, variant="topk", top_k=2)
+    assert model_method(moe, "dense_continued") == "no_gx" and model_tau(moe) == 0.3
+    topk = dsmoe.convert(LlamaForCausalLM(llama_config(vocab_size=256)), n_experts=4, variant="topk", top_k=2)
     assert math.isnan(model_tau(topk))
 
 
@@ -242,7 +243,6 @@ def test_pruned_model_counts_activated_params_against_its_parent(tmp_path):
 
     import pandas as _pd
 
-    from dsmoe.evaluate import apply_pruning_record
 
     summary = _pd.DataFrame({"source": ["a", "all"], "activated_params": [10.0, 10.0], "activated_params_pct": [100.0, 100.0]})
     assert apply_pruning_record(summary, tmp_path).equals(summary)

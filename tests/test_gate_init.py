@@ -8,7 +8,8 @@ import torch
 
 import dsmoe
 from dsmoe.cli import main
-from dsmoe.gate_init import calibrated_gate_weights, calibration_ids
+from dsmoe.data import calibration_windows
+from dsmoe.gate_init import calibrated_gate_weights
 
 
 def test_median_token_gets_the_target_gate_value():
@@ -47,12 +48,12 @@ def write_data_dir(path, seq_len=8):
     (path / "manifest.json").write_text(json.dumps({"seq_len": seq_len, "sources": {"code": {}}}))
 
 
-def test_calibration_ids_from_a_data_dir(tmp_path):
+def test_calibration_windows_from_a_data_dir(tmp_path):
     write_data_dir(tmp_path)
-    ids = calibration_ids(tmp_path, 3)
-    assert torch.equal(ids, torch.arange(24).view(3, 8))
+    ids = calibration_windows(tmp_path, 3)  # evenly spaced over the 100-token stream: starts 0, 46, 92
+    assert torch.equal(ids, torch.stack([torch.arange(start, start + 8) for start in (0, 46, 92)]))
     with pytest.raises(FileNotFoundError, match="manifest.json"):
-        calibration_ids(tmp_path / "code", 3)
+        calibration_windows(tmp_path / "code", 3)
 
 
 def test_cli_calibrated_convert(tiny_model_dir, tmp_path, capsys):

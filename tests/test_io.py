@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from dsmoe.io import atomic_dir, atomic_file
+from dsmoe.atomic import atomic_dir, atomic_file
 
 
 def test_atomic_file_appears_whole_with_normal_permissions(tmp_path):

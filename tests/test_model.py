@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import dsmoe
-from dsmoe.routing import ffn_params
+from dsmoe.accounting import ffn_params
 
 
 def test_convert_replaces_every_mlp_in_place_and_keeps_weights(tiny_llama):

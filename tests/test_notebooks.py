@@ -8,7 +8,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from dsmoe import figures
+from dsmoe import report
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -62,7 +62,7 @@ def test_notebook_runs_on_smoke_results(name, smoke_results, tmp_path):
 
 
 def test_paper_results_transcribed():
-    paper = figures.load_paper()
+    paper = report.load_paper()
     table4 = {row["tau"]: row for row in paper["table4"]}
     assert table4[0.5]["llama1b_ppl"] == 7.41 and table4[0.5]["llama7b_activated_params_pct"] == 58.46
     dsmoe_1b = next(r for r in paper["table1"] if r["base"] == "LLaMA-1B" and r["method"] == "DSMoE")
@@ -88,13 +88,13 @@ def test_claims_yes_and_no():
     ppl = _ppl_rows([("dsmoe", 10.0, 60.0), ("no_ste", 12.0, 60.0), ("topk", 11.0, 61.0)])
     good = pd.concat([_sweep("dsmoe", [(0.3, 9.0, 65.0), (0.5, 10.0, 60.0), (0.7, 12.0, 55.0)]),
                       _sweep("no_gx", [(0.2, 15.0, 70.0), (0.5, 20.0, 58.0)])])
-    claims = figures.claims(ppl, good).set_index("claim")["reproduced"]
+    claims = report.claims(ppl, good).set_index("claim")["reproduced"]
     assert list(claims) == ["yes", "yes", "yes", "yes"]
 
     bad_ppl = _ppl_rows([("dsmoe", 13.0, 60.0), ("no_ste", 12.0, 60.0), ("topk", 9.0, 61.0)])
     bad = pd.concat([_sweep("dsmoe", [(0.3, 9.0, 65.0), (0.5, 8.0, 60.0), (0.7, 12.0, 62.0)]),
                      _sweep("no_gx", [(0.2, 5.0, 70.0), (0.5, 6.0, 58.0)])])
-    claims = figures.claims(bad_ppl, bad).set_index("claim")["reproduced"]
+    claims = report.claims(bad_ppl, bad).set_index("claim")["reproduced"]
     assert list(claims) == ["no", "no", "no", "no"]
 
 
@@ -102,14 +102,14 @@ def test_claims_interpolate_at_matched_activation():
     # top-k at 62.5% active: DSMoE's sweep gives PPL 9.5 there (between 9 at 65% and 10 at 60%)
     ppl = _ppl_rows([("dsmoe", 10.0, 60.0), ("topk", 9.6, 62.5)])
     sweep = _sweep("dsmoe", [(0.3, 9.0, 65.0), (0.5, 10.0, 60.0)])
-    line = figures.claims(ppl, sweep).set_index("claim").loc["DSMoE beats top-k at matched activation"]
+    line = report.claims(ppl, sweep).set_index("claim").loc["DSMoE beats top-k at matched activation"]
     assert line["reproduced"] == "yes" and "9.5" in line["evidence"]
 
 
 def test_collect_refuses_unknown_and_missing_files(tmp_path):
     (tmp_path / "weird.csv").write_text("model\nx\n")
     with pytest.raises(ValueError, match="weird"):
-        figures.collect([tmp_path / "weird.csv"], tmp_path / "out")
+        report.collect([tmp_path / "weird.csv"], tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="nope"):
-        figures.collect([tmp_path / "nope" / "ppl.csv"], tmp_path / "out")
+        report.collect([tmp_path / "nope" / "ppl.csv"], tmp_path / "out")
     assert not (tmp_path / "out").exists()

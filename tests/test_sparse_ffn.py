@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsmoe.modeling_dsmoe import DSMoEMLP
-from dsmoe.sparse_ffn import FEW_TOKENS, expert_down_weights, masked_expert_ffn, sparse_expert_ffn
+from dsmoe.model.modeling_dsmoe import DSMoEMLP
+from dsmoe.model.sparse_ffn import FEW_TOKENS, expert_down_weights, masked_expert_ffn, sparse_expert_ffn
 
 TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5),
              torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}

@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_data import tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import dsmoe
 from dsmoe import data
-from dsmoe.base import save_model
+from dsmoe.hub import save_model
 from dsmoe.config import validate_config
 from dsmoe.train import TrainingDiverged, param_groups, train
 
@@ -43,10 +42,10 @@ def run_config(steps, batch_size=8, **train):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, bpe_tokenizer):
     """`(dense_dir, dsmoe_dir, data_dir)` of a tiny model and its tokenised data."""
     root = tmp_path_factory.mktemp("train")
-    tokenizer = tiny_tokenizer()
+    tokenizer = bpe_tokenizer
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id)

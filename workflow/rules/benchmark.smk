@@ -36,5 +36,5 @@ rule benchmark:
     conda:
         ENV
     shell:
-        "dsmoe eval bench --model {input.model} --label {wildcards.model} --suite {params.suite}"
+        "dsmoe eval lm-eval --model {input.model} --label {wildcards.model} --suite {params.suite}"
         " --batch-size {params.batch_size} {params.limit} --out {params.out_dir} > {log} 2>&1"

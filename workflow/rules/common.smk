@@ -27,7 +27,7 @@ LOGS = f"{RESULTS}/logs"
 ENV = "../../environment.yml"
 BASEDIR = Path(os.path.relpath(workflow.basedir))  # the repository, relative to the working directory
 NOTEBOOKS = BASEDIR / "notebooks"
-PAPER_RESULTS = BASEDIR / "dsmoe" / "paper_results.yaml"
+PAPER_RESULTS = BASEDIR / "dsmoe" / "report" / "paper_results.yaml"
 
 CONVERTED = list(config["variants"])  # dsmoe, no_ste, no_gx, topk: converted, then trained
 PRUNED = [f"prune_{kind}" for kind in config["baselines"]["prune"]]  # pruned, then trained dense
@@ -134,7 +134,7 @@ def prune_size_flag():
     fraction = config["baselines"]["prune_fraction"]
     if fraction is not None:
         return f"--fraction {fraction}"
-    return f'--match-activated-pct "$(dsmoe figures activated-pct {RESULTS}/eval/ppl/dsmoe/ppl.csv)"'
+    return f'--match-activated-pct "$(dsmoe report activated-pct {RESULTS}/eval/ppl/dsmoe/ppl.csv)"'
 
 
 def prune_inputs(wildcards):

@@ -21,7 +21,7 @@ rule collect:
     conda:
         ENV
     shell:
-        "dsmoe figures collect --out {params.out_dir} {input} > {log} 2>&1"
+        "dsmoe report collect --out {params.out_dir} {input} > {log} 2>&1"
 
 
 rule notebook_tables:

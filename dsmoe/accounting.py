@@ -1,8 +1,8 @@
-"""Routing report: active experts per token and layer, and activated parameters (paper Table 1)."""
+"""Routing statistics and activated parameters: active experts per token and layer (paper Table 1)."""
 
 import torch
 
-from .losses import dsmoe_layers
+from .model import dsmoe_layers
 
 
 class RoutingStats:
@@ -11,12 +11,18 @@ class RoutingStats:
     def __init__(self, n_experts):
         self.n_experts = n_experts
         self.k_hist = torch.zeros(n_experts + 1, dtype=torch.long)
-        self.expert_counts = torch.zeros(n_experts, dtype=torch.long)
 
     def update(self, active):
         active = active.detach().cpu()
         self.k_hist += torch.bincount(active.sum(-1), minlength=self.n_experts + 1)
-        self.expert_counts += active.sum(0)
+
+    @classmethod
+    def pooled(cls, stats):
+        """One RoutingStats holding the tokens of all of `stats` (same layer, several sources)."""
+        merged = cls(stats[0].n_experts)
+        for s in stats:
+            merged.k_hist += s.k_hist
+        return merged
 
     @property
     def tokens(self):

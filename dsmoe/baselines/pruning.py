@@ -12,17 +12,11 @@ Activated parameters follow Table 1: every parameter of the pruned model except 
 as a percentage of the unpruned model's total (so channel pruning's total shrinks with it).
 """
 
-import json
-from pathlib import Path
-
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .convert import decoder_layers
-from .modeling_dsmoe import check_swiglu
-
-KINDS = ("channel", "wanda")
+from ..model import check_swiglu, decoder_layers
+from ..names import PRUNE_KINDS as KINDS
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -63,35 +57,6 @@ def pruned_activated_params(model, reference_total):
     activated = total - zeros
     return {"total_params": total, "reference_total_params": reference_total,
             "activated_params": float(activated), "activated_params_pct": 100.0 * activated / reference_total}
-
-
-def load_calibration(data_dir, n_sequences, seq_len=None):
-    """`n_sequences` token windows (LongTensor N x seq_len) from DATA/<source>/train.npy.
-
-    Sources take turns; each source's windows are spaced evenly over its token stream."""
-    data_dir = Path(data_dir)
-    manifest_path = data_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} not found: --data must be a `dsmoe data prepare` directory")
-    manifest = json.loads(manifest_path.read_text())
-    seq_len = int(seq_len or manifest["seq_len"])
-    if not isinstance(n_sequences, int) or n_sequences < 1:
-        raise ValueError(f"calibration sequences must be a positive integer, got {n_sequences!r}")
-    sources = list(manifest["sources"])
-    counts = {name: n_sequences // len(sources) + (i < n_sequences % len(sources)) for i, name in enumerate(sources)}
-    windows = []
-    for name, count in counts.items():
-        if count == 0:
-            continue
-        path = data_dir / name / "train.npy"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found (source {name!r} of {manifest_path})")
-        stream = np.load(path, mmap_mode="r")
-        if stream.ndim != 1 or len(stream) < seq_len:
-            raise ValueError(f"{path} must be a 1-D token stream of at least seq_len={seq_len} tokens, got shape {stream.shape}")
-        for start in np.linspace(0, len(stream) - seq_len, count).astype(np.int64):
-            windows.append(np.asarray(stream[start : start + seq_len], dtype=np.int64))
-    return torch.from_numpy(np.stack(windows))
 
 
 def _batches(calibration, batch_size, desc):
@@ -224,5 +189,5 @@ def prune(model, kind, fraction, calibration, batch_size=1):
             "calibration_seq_len": calibration.shape[1], **detail, **pruned_activated_params(model, reference_total)}
 
 
-__all__ = ["KINDS", "check_fraction", "fraction_for_activated_pct", "load_calibration", "prune", "prune_channels",
+__all__ = ["KINDS", "check_fraction", "fraction_for_activated_pct", "prune", "prune_channels",
            "prune_wanda", "pruned_activated_params", "taylor_channel_importance", "wanda_input_norms"]

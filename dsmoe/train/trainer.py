@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import data as data_module
-from .configuration_dsmoe import VARIANTS
-from .losses import dsmoe_layers, load_balancing_loss, sparsity_loss
+from .. import data as data_module
+from ..losses import load_balancing_loss, sparsity_loss
+from ..model import VARIANTS, dsmoe_layers
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class CsvLog:
     """RUN/train_log.csv, one row per log interval; rows after the resumed step are dropped."""
 
     def __init__(self, path, start_step):
-        from .io import atomic_file
+        from ..atomic import atomic_file
 
         self.path = Path(path)
         if self.path.exists():
@@ -235,8 +235,7 @@ def train(config, init, data_dir, out, variant=None, overwrite=False, resume=Tru
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    from .base import resolve_dtype
-    from .convert import load_model
+    from ..hub import load_model, resolve_dtype
 
     tc, out = config["train"], Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -346,7 +345,7 @@ def save_final_model(accelerator, model, tokenizer, path, dtype, extra_files=())
     """The trained model, in the run's dtype, via save_pretrained (atomic); FSDP shards are gathered.
 
     `extra_files` (a pruned init's pruning.json) are copied beside it."""
-    from .base import save_model
+    from ..hub import save_model
 
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # a collective under FSDP
@@ -377,11 +376,10 @@ def register(subparsers):
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if --out holds checkpoints")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-4")
     p.set_defaults(func=cmd_train)
-    data_module.register(subparsers)
 
 
 def cmd_train(args):
-    from .config import load_config, parse_overrides
+    from ..config import load_config, parse_overrides
 
     config = load_config(args.config, parse_overrides(args.set))
     path = train(config, args.init, args.data, args.out, args.variant, args.overwrite, not args.no_resume)

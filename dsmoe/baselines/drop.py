@@ -16,12 +16,16 @@ Activated parameters follow the paper's Table 1 rule (`activated_params`): non-F
 each layer's FFN parameters times its mean fraction of kept experts. `DropRecorder` records them.
 """
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from .convert import check_partitionable, decoder_layers
-from .modeling_dsmoe import check_swiglu
-from . import routing
+from .. import accounting
+from ..convert import check_partitionable
+from ..model import check_n_experts, check_swiglu, decoder_layers
+from ..names import DROP
 
 RULES = ("expert", "cumulative")
 
@@ -41,13 +45,10 @@ class PartitionedDropMLP(nn.Module):
         self.routing_stats = None  # set by DropRecorder
 
     @classmethod
-    def from_dense(cls, mlp, n_experts=8, threshold=0.0, rule="expert", name="mlp"):
+    def from_dense(cls, mlp, n_experts, threshold=0.0, rule="expert", name="mlp"):
         """Wrap a dense SwiGLU MLP; its Linear modules are reused, not copied."""
         check_swiglu(mlp, name)
-        if mlp.gate_proj.out_features % n_experts:
-            raise ValueError(
-                f"n_experts={n_experts} does not divide the intermediate size {mlp.gate_proj.out_features} of {name}"
-            )
+        check_n_experts(n_experts, mlp.gate_proj.out_features, f" of {name}")
         return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, n_experts, threshold, rule)
 
     def expert_importance(self, inter):
@@ -93,7 +94,7 @@ def check_rule(rule):
     return rule
 
 
-def partition_for_drop(model, n_experts=8, threshold=0.0, rule="expert"):
+def partition_for_drop(model, n_experts, threshold=0.0, rule="expert"):
     """Replace every decoder MLP of a dense LLaMA-style causal LM by a `PartitionedDropMLP`, in place.
 
     Validates everything before changing anything; returns the model."""
@@ -118,10 +119,10 @@ def set_threshold(model, threshold):
 
 def activated_params(model, mean_active_experts=None):
     """Table 1 count: non-FFN params + each drop layer's FFN params × its mean kept fraction."""
-    return routing.activated_params(model, mean_active_experts, drop_layers(model))
+    return accounting.activated_params(model, mean_active_experts, drop_layers(model))
 
 
-class DropRecorder(routing.RoutingRecorder):
+class DropRecorder(accounting.RoutingRecorder):
     """Record kept experts over any number of forward passes (a `dsmoe.RoutingRecorder` over drop layers)."""
 
     def __init__(self, model):
@@ -131,4 +132,23 @@ class DropRecorder(routing.RoutingRecorder):
         super().__init__(model, layers)
 
 
-__all__ = ["DropRecorder", "PartitionedDropMLP", "activated_params", "drop_layers", "partition_for_drop", "set_threshold"]
+def drop_sweep(model, validation, thresholds, label, batch_size=8, max_sequences=None):
+    """One row per threshold: ppl per source and pooled, activated params, mean kept experts."""
+    from ..evaluation.perplexity import evaluate_ppl
+
+    rows = []
+    for threshold in tqdm(thresholds, desc="drop thresholds"):
+        set_threshold(model, threshold)
+        with DropRecorder(model) as recorder:
+            ppl = evaluate_ppl(model, validation, batch_size, max_sequences, progress=False)
+        report = recorder.report()
+        row = {"model": label, "variant": DROP, "rule": recorder.layers[0].rule, "threshold": float(threshold)}
+        row.update({f"ppl_{r.source}": r.ppl for r in ppl.itertuples()})
+        row.update(tokens=int(ppl.loc[ppl.source == "all", "tokens"].iloc[0]), total_params=report["total_params"],
+                   activated_params=report["activated_params"], activated_params_pct=report["activated_params_pct"],
+                   mean_active_experts=float(np.mean(report["mean_active_experts"])))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+__all__ = ["DropRecorder", "PartitionedDropMLP", "activated_params", "drop_layers", "drop_sweep", "partition_for_drop", "set_threshold"]

@@ -7,7 +7,7 @@ SHA-1 hex digest starts with "0": the first 1/16 of that order, inside validatio
 source's validation holds 1/16 of its documents or more (always with the paper-sized configs,
 where validation is capped at half a source). Items are then picked with `random.Random(key)`,
 so a build is deterministic for one Python version. The JSONL shipped in `data/` was built with
-Python 3.11; `python -m dsmoe.tasks.stdlib` rebuilds it.
+Python 3.11; `python -m dsmoe.evaluation.tasks.stdlib` rebuilds it.
 
 - `dsmoe_stdlib_nextline`: multiple choice, the true next line of code after up to 12 lines of
   context, among 3 other lines of the same file.
@@ -135,7 +135,7 @@ def jsonl_path(name):
 
 def build(name, out=None):
     """Write task `name`'s JSONL (atomically) and return its path."""
-    from ..io import atomic_file
+    from ...atomic import atomic_file
 
     out = Path(out or jsonl_path(name))
     with atomic_file(out) as handle:

@@ -1,11 +1,11 @@
-"""Downstream benchmarks through lm-evaluation-harness (paper Table 2), with activated params per task.
+"""Downstream tasks through lm-evaluation-harness (paper Table 2), with activated params per task.
 
 The loaded model is wrapped in lm-eval's `HFLM` and each task runs through `lm_eval.simple_evaluate`
 inside a `RoutingRecorder`, so every task gets its own activated-params count (the paper's activation
 differs by dataset; the count covers every token the harness feeds the model, batch padding included).
 Suites:
 
-- `local` (offline, the default): the lm-eval YAML tasks in `dsmoe/tasks/` over held-out stdlib text
+- `local` (offline, the default): the lm-eval YAML tasks in `dsmoe/evaluation/tasks/` over held-out stdlib text
   (`dsmoe_stdlib_nextline`, multiple choice; `dsmoe_pydoc_cloze`, LAMBADA-style cloze).
 - `paper`: hellaswag, lambada_openai, piqa, social_iqa, storycloze_2016, winogrande at 0-shot; gsm8k,
   nq_open, triviaqa, webqs at 5-shot. Needs the Hugging Face datasets (network or a filled cache).
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .io import atomic_file, write_csv
-from .losses import dsmoe_layers
-from .routing import RoutingRecorder
+from ..accounting import RoutingRecorder, activated_params
+from ..atomic import atomic_file
+from ..model import dsmoe_layers
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,6 @@ def routing_recorder(model):
 
 
 def activation_report(model, recorder):
-    from .routing import activated_params
-
     if recorder is None:
         return {"tokens": None, "mean_active_experts": [], **activated_params(model)}
     report = recorder.report()
@@ -185,56 +183,8 @@ def run_bench(model, tokenizer, tasks, limit=None, batch_size=8, storycloze_dir=
     return merged, pd.DataFrame(rows)
 
 
-# ---------------------------------------------------------------- CLI
-
-def register(eval_subparsers):
-    from .evaluate import add_model_args
-
-    p = eval_subparsers.add_parser("bench", help="lm-eval benchmarks (local offline tasks or the paper's 10) with activated params")
-    add_model_args(p)
-    p.add_argument("--suite", default="local", choices=sorted(SUITES),
-                   help="local: offline stdlib tasks (default); paper: the paper's 10 lm-eval tasks")
-    p.add_argument("--tasks", nargs="+", default=None,
-                   help="run these lm-eval tasks instead of the suite (suite tasks keep their shots, others use --num-fewshot)")
-    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples of --tasks outside the suites (default 0)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most N items per task (default all)")
-    p.add_argument("--storycloze-dir", default=None,
-                   help=f"Story Cloze 2016 data dir for storycloze_2016 (default: ${STORYCLOZE_ENV}; unset: the task is skipped)")
-    p.add_argument("--out", required=True, help="output directory: results.json (lm-eval's) and bench.csv (written atomically)")
-    p.set_defaults(func=cmd_bench)
-
-
 def select_tasks(suite, names=None, num_fewshot=0):
     known = {**LOCAL_SUITE, **PAPER_SUITE}
     if names is None:
         return dict(SUITES[suite])
     return {name: known.get(name, (num_fewshot, None)) for name in names}
-
-
-def cmd_bench(args):
-    from .evaluate import _check_args, fingerprint, load_for_eval, model_label, model_tau, model_variant, up_to_date, write_stamp
-
-    _check_args(args)
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be positive, got {args.limit}")
-    tasks = select_tasks(args.suite, args.tasks, args.num_fewshot)
-    out = Path(args.out)
-    outputs, stamp = [out / "results.json", out / "bench.csv"], out / ".bench.stamp.json"
-    storycloze_dir = args.storycloze_dir or os.environ.get(STORYCLOZE_ENV)
-    task_key = fingerprint([args.model, TASKS_DIR], tau=args.tau, limit=args.limit, dtype=args.dtype, storycloze_dir=storycloze_dir)
-    key = fingerprint([args.model, TASKS_DIR], tasks=tasks, task_key=task_key, label=args.label, variant=args.variant)
-    if up_to_date(stamp, key, outputs):
-        print(f"{out}: up to date, nothing to do")
-        return
-    model, tokenizer = load_for_eval(args.model, args.dtype, args.device, args.tau)
-    results, df = run_bench(model, tokenizer, tasks, args.limit, args.batch_size, storycloze_dir,
-                            cache_dir=out / ".tasks", cache_key=task_key)
-    label = args.label or model_label(args.model)
-    variant, tau = args.variant or model_variant(model, label), model_tau(model)
-    results["dsmoe"] = {"model": label, "variant": variant, "tau": None if math.isnan(tau) else tau, "limit": args.limit}
-    df = df.assign(model=label, variant=variant, tau=tau).reindex(columns=CSV_COLUMNS)
-    with atomic_file(outputs[0]) as handle:
-        json.dump(results, handle, indent=2)
-    write_csv(df, outputs[1])
-    write_stamp(stamp, key)
-    print(df[["task", "metric", "value", "stderr", "activated_params_pct"]].to_string(index=False))

@@ -17,7 +17,11 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_dsmoe import DSMoEConfig
+# transformers renamed `past_key_values` to `cache` (inputs and outputs) inside the 5.x range that
+# dsmoe supports; pass and return the KV cache under the name the installed version uses.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+from .configuration_dsmoe import DSMoEConfig, check_tau
 from .sparse_ffn import expert_down_weights, sparse_expert_ffn
 
 
@@ -100,22 +104,24 @@ class DSMoEMLP(nn.Module):
         self._down_cache = None  # (down_proj.weight, its data_ptr, its version, V_iᵀ per expert), eval only
 
     @classmethod
-    def from_dense(cls, mlp, n_experts=8, tau=0.5, variant="dsmoe", top_k=3, gate_init_std=0.02, name="mlp"):
+    def from_dense(cls, mlp, n_experts=None, tau=None, variant=None, top_k=None, gate_init_std=None, name="mlp"):
         """Wrap a dense SwiGLU MLP (`gate_proj`, `up_proj`, `down_proj` Linear without bias, `act_fn`).
 
-        The dense Linear modules are reused, not copied; only the gate Y is new."""
+        The dense Linear modules are reused, not copied; only the gate Y is new. Settings left at
+        None take `DSMoEConfig`'s defaults."""
         check_swiglu(mlp, name)
         hidden, intermediate = mlp.gate_proj.in_features, mlp.gate_proj.out_features
         text_config = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": intermediate,
                        "num_attention_heads": 1, "num_key_value_heads": 1}
-        config = DSMoEConfig(text_config=text_config, n_experts=n_experts, tau=tau, variant=variant,
-                             num_experts_per_tok=top_k, gate_init_std=gate_init_std)
+        settings = {"n_experts": n_experts, "tau": tau, "variant": variant, "num_experts_per_tok": top_k,
+                    "gate_init_std": gate_init_std}
+        config = DSMoEConfig(text_config=text_config, **{k: v for k, v in settings.items() if v is not None})
         with torch.device("meta"):
             layer = cls(config)
         layer.gate_proj, layer.up_proj, layer.down_proj, layer.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
         weight = mlp.gate_proj.weight
-        layer.gate = nn.Linear(hidden, n_experts, bias=False, device=weight.device, dtype=weight.dtype)
-        nn.init.normal_(layer.gate.weight, std=gate_init_std)
+        layer.gate = layer.gate.to_empty(device=weight.device).to(weight.dtype)
+        nn.init.normal_(layer.gate.weight, std=config.gate_init_std)
         return layer
 
     def forward(self, hidden_states):
@@ -190,20 +196,20 @@ class DSMoEForCausalLM(DSMoEPreTrainedModel, GenerationMixin):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
         logits_to_keep=0,
         **kwargs,
     ):
+        cache = {CACHE_NAME: kwargs.pop(CACHE_NAME, None)}  # the KV cache, as generate() passes it
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **cache,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -215,10 +221,41 @@ class DSMoEForCausalLM(DSMoEPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
 
-__all__ = ["check_swiglu", "DSMoEMLP", "DSMoEPreTrainedModel", "DSMoEForCausalLM", "route"]
+# ---------------------------------------------------------------- finding and setting DSMoE layers
+
+
+def dsmoe_layers(module):
+    """Every DSMoEMLP inside `module`, the module itself included, in order."""
+    return [m for m in module.modules() if isinstance(m, DSMoEMLP)]
+
+
+def decoder_layers(model):
+    """The decoder layers (`model.model.layers`) of a LLaMA-style causal LM."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise TypeError(
+            f"{type(model).__name__} has no `model.layers`: DSMoE converts LLaMA-style causal LMs "
+            "(LLaMA, Mistral, Qwen2/3, SmolLM2)"
+        )
+    return layers
+
+
+def set_tau(model, tau):
+    """Set the threshold τ of every DSMoE layer (and the config, so that it is saved)."""
+    tau = check_tau(tau)
+    layers = dsmoe_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no DSMoE layer to set tau on")
+    for layer in layers:
+        layer.tau = tau
+    if isinstance(getattr(model, "config", None), DSMoEConfig):
+        model.config.tau = tau
+    return model
+
+__all__ = ["check_swiglu", "decoder_layers", "dsmoe_layers", "DSMoEMLP", "DSMoEPreTrainedModel", "DSMoEForCausalLM", "route", "set_tau"]

@@ -13,6 +13,35 @@ from transformers.configuration_utils import SubConfigSpec
 VARIANTS = ("dsmoe", "no_ste", "no_gx", "topk")
 
 
+# The one validation of the DSMoE settings: the config, convert, set_tau and the CLI all call these.
+def check_variant(variant):
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    return variant
+
+
+def check_tau(tau):
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 < float(tau) < 1.0:
+        raise ValueError(f"tau must lie in the open interval (0, 1), got {tau!r}")
+    return float(tau)
+
+
+def check_n_experts(n_experts, intermediate_size=None, where=""):
+    """`n_experts` must be a positive integer that divides `intermediate_size` (when given)."""
+    if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
+        raise ValueError(f"n_experts must be a positive integer, got {n_experts!r}")
+    if intermediate_size is not None and intermediate_size % n_experts:
+        raise ValueError(f"n_experts={n_experts} does not divide the intermediate size {intermediate_size}{where}; "
+                         f"uneven splits are not supported: choose a divisor of {intermediate_size}")
+    return n_experts
+
+
+def check_top_k(top_k, n_experts):
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
+        raise ValueError(f"top_k={top_k!r} (num_experts_per_tok) must lie in [1, n_experts={n_experts}]")
+    return top_k
+
+
 class DSMoEConfig(PreTrainedConfig):
     r"""
     Args:
@@ -43,21 +72,12 @@ class DSMoEConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if not 0.0 < float(self.tau) < 1.0:
-            raise ValueError(f"tau must lie in the open interval (0, 1), got {self.tau}")
-        if self.n_experts < 1:
-            raise ValueError(f"n_experts must be a positive integer, got {self.n_experts}")
-        if self.variant == "topk" and not 1 <= self.num_experts_per_tok <= self.n_experts:
-            raise ValueError(f"num_experts_per_tok must lie in [1, n_experts={self.n_experts}], got {self.num_experts_per_tok}")
-        intermediate = getattr(self.text_config, "intermediate_size", None)
-        if intermediate is not None and intermediate % self.n_experts:
-            raise ValueError(
-                f"n_experts={self.n_experts} does not divide the intermediate size {intermediate}; "
-                f"choose a divisor of {intermediate}"
-            )
+        check_variant(self.variant)
+        check_tau(self.tau)
+        check_n_experts(self.n_experts, getattr(self.text_config, "intermediate_size", None))
+        if self.variant == "topk":
+            check_top_k(self.num_experts_per_tok, self.n_experts)
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
 
-__all__ = ["DSMoEConfig", "VARIANTS"]
+__all__ = ["DSMoEConfig", "VARIANTS", "check_n_experts", "check_tau", "check_top_k", "check_variant"]

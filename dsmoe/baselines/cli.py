@@ -1,0 +1,94 @@
+"""`dsmoe baseline drop | prune`: the training-free drop sweep and the static pruning baselines.
+
+The top-k (LLaMA-MoE) baseline is the `topk` variant of `dsmoe convert`, trained by `dsmoe train`.
+"""
+
+import json
+from pathlib import Path
+
+from ..atomic import atomic_dir, write_csv
+from ..config import schema_default
+from ..names import PRUNE_KINDS
+
+
+def cmd_drop(args):
+    from ..data import load_validation
+    from ..hub import load_model
+    from .drop import check_rule, check_threshold, drop_sweep, partition_for_drop
+
+    check_rule(args.rule)
+    for threshold in args.thresholds:
+        check_threshold(threshold)
+    validation = load_validation(args.data)
+    model, _ = load_model(args.model)
+    partition_for_drop(model, args.n_experts, rule=args.rule)
+    label = args.label or Path(args.model.rstrip("/")).name
+    df = drop_sweep(model, validation, args.thresholds, label, args.batch_size, args.max_sequences)
+    write_csv(df, args.out)
+    print(df.to_string(index=False))
+
+
+def cmd_prune(args):
+    from ..data import calibration_windows
+    from ..evaluation.perplexity import read_activated_pct
+    from ..hub import load_model
+    from .pruning import check_fraction, fraction_for_activated_pct, prune
+
+    if args.kind not in PRUNE_KINDS:
+        raise ValueError(f"unknown pruning kind {args.kind!r}; choose one of {', '.join(PRUNE_KINDS)}")
+    if args.fraction is not None:
+        check_fraction(args.fraction)
+    target_pct = args.match_activated_pct
+    if args.match_ppl_csv is not None:
+        target_pct = read_activated_pct(args.match_ppl_csv)
+    calibration = calibration_windows(args.data, args.calibration_sequences, args.calibration_seq_len)
+    model, tokenizer = load_model(args.model)
+    if model.config.model_type == "dsmoe":
+        raise ValueError(f"{args.model} is a DSMoE model; pruning takes a dense causal LM")
+    fraction = args.fraction if args.fraction is not None else fraction_for_activated_pct(model, target_pct)
+    summary = {"source_model": str(args.model), **prune(model, args.kind, fraction, calibration, args.batch_size)}
+    if target_pct is not None:
+        summary["target_activated_params_pct"] = target_pct
+    with atomic_dir(args.out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "pruning.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+def register(subparsers):
+    baseline = subparsers.add_parser("baseline", help="training-free drop sweep and static pruning baselines")
+    commands = baseline.add_subparsers(dest="baseline_command", required=True, metavar="BASELINE")
+
+    p = commands.add_parser("drop", help="partition each FFN into experts and drop low-importance experts per token")
+    p.add_argument("--model", required=True, help="dense causal LM: short name or directory")
+    p.add_argument("--data", required=True, help="`dsmoe data prepare` directory (validation sets)")
+    p.add_argument("--thresholds", type=float, nargs="+", required=True,
+                   help="drop thresholds >= 0 on ||o_i|| / ||sum_j o_j|| (0 = the dense model)")
+    p.add_argument("--n-experts", type=int, default=schema_default("dsmoe.n_experts"),
+                   help="experts per FFN; must divide the intermediate size (default %(default)s)")
+    p.add_argument("--rule", default="expert",
+                   help="expert: drop each expert below the threshold (default); cumulative: drop the smallest experts "
+                        "while their summed ratios stay below the threshold (bounds the FFN's relative error)")
+    p.add_argument("--batch-size", type=int, default=8, help="validation sequences per forward (default 8)")
+    p.add_argument("--max-sequences", type=int, default=None, help="cap on validation sequences per source")
+    p.add_argument("--label", default=None, help="value of the model column (default: the model directory's name)")
+    p.add_argument("--out", required=True, help="output CSV: one row per threshold (written atomically)")
+    p.set_defaults(func=cmd_drop)
+
+    p = commands.add_parser("prune", help="static FFN pruning (channel: LLM-Pruner style; wanda: unstructured)")
+    p.add_argument("--model", required=True, help="dense causal LM: short name or directory")
+    p.add_argument("--kind", required=True, help="channel (narrower dense model) or wanda (zeroed weights)")
+    amount = p.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--fraction", type=float, help="fraction of FFN parameters to remove, in [0, 1)")
+    amount.add_argument("--match-activated-pct", type=float,
+                        help="choose the fraction so that activated params are this %% of the dense model's (Table 1 count)")
+    amount.add_argument("--match-ppl-csv", metavar="PPL_CSV",
+                        help="as --match-activated-pct, with the percentage of the model evaluated in this ppl.csv "
+                             "(`dsmoe eval ppl`, its 'all' row)")
+    p.add_argument("--data", required=True, help="`dsmoe data prepare` directory; calibration comes from its train.npy")
+    p.add_argument("--calibration-sequences", type=int, default=32, help="calibration sequences (default 32)")
+    p.add_argument("--calibration-seq-len", type=int, default=None, help="calibration sequence length (default: the data's seq_len)")
+    p.add_argument("--batch-size", type=int, default=1, help="calibration sequences per forward (default 1)")
+    p.add_argument("--out", required=True, help="output model directory, with pruning.json (written atomically)")
+    p.set_defaults(func=cmd_prune)

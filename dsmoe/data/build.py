@@ -1,0 +1,159 @@
+"""`dsmoe data prepare`: a weighted mixture of text sources, tokenised, split, packed and cached.
+
+Each source (`dsmoe.data.sources`) is split into validation and training by document, never inside
+one. Validation takes documents from the front of the source's order until it holds
+`val_sequences * seq_len` tokens (at most half of a finite source); training takes the rest, up to
+the source's share of the token budget. Documents are tokenised with the model's tokenizer, joined
+with EOS and packed without gaps or overlap into the layout of `dsmoe.data.prepared`.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_dir
+from .prepared import pack
+from .sources import source_documents
+
+logger = logging.getLogger(__name__)
+
+TOKENIZE_BATCH = 64
+TRAIN_SLACK = 1.05  # each source's training stream holds 5% more than its expected share of the budget
+
+
+def tokenizer_fingerprint(tokenizer):
+    """A hash of the vocabulary and EOS id: two tokenizers with equal fingerprints tokenise alike."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())) + f"|eos={tokenizer.eos_token_id}"
+    return hashlib.sha256(vocab.encode()).hexdigest()[:16]
+
+
+def tokenize_documents(texts, tokenizer):
+    """Yield one int32 array per non-empty document: its tokens followed by EOS."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token to separate documents")
+    batch = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == TOKENIZE_BATCH:
+            yield from _tokenize_batch(batch, tokenizer)
+            batch = []
+    yield from _tokenize_batch(batch, tokenizer)
+
+
+def _tokenize_batch(texts, tokenizer):
+    if not texts:
+        return
+    for text, ids in zip(texts, tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]):
+        if ids:
+            yield len(text), np.asarray([*ids, tokenizer.eos_token_id], dtype=np.int32)
+
+
+def prepare_source(source, tokenizer, seq_len, val_sequences, train_cap, out_dir):
+    """Tokenise one source into `out_dir/{val,train}.npy`; return its manifest entry."""
+    name = source["name"]
+    documents, total_chars = source_documents(source)
+    val_chars_limit = total_chars // 2 if total_chars is not None else math.inf
+    val_target = val_sequences * seq_len
+    val, n_val_tokens, val_chars, n_train, counts = [], 0, 0, 0, {"val": 0, "train": 0}
+    out_dir.mkdir(parents=True)
+    raw_train = out_dir / "train.bin"
+    with open(raw_train, "wb") as train_file, tqdm(total=val_target + train_cap, unit="tok", desc=name, leave=False) as bar:
+        for chars, ids in tokenize_documents(documents, tokenizer):
+            if counts["train"] == 0 and n_val_tokens < val_target and val_chars + chars <= val_chars_limit:
+                val.append(ids)
+                n_val_tokens += len(ids)
+                val_chars += chars
+                counts["val"] += 1
+            else:
+                train_file.write(ids.tobytes())
+                n_train += len(ids)
+                counts["train"] += 1
+            bar.update(len(ids))
+            if n_train >= train_cap:
+                break
+    if n_val_tokens + n_train == 0:
+        raise ValueError(f"source {name!r} is an empty corpus: its documents hold no tokens")
+    val_array = pack(np.concatenate(val) if val else np.zeros(0, np.int32), seq_len)[:val_sequences]
+    if len(val_array) == 0:
+        raise ValueError(f"source {name!r} is too small to hold out one validation sequence of {seq_len} tokens")
+    if len(val_array) < val_sequences:
+        logger.warning("source %r holds out %d validation sequences, fewer than the %d asked for (at most half "
+                       "of a finite source goes to validation)", name, len(val_array), val_sequences)
+    if n_train < seq_len:
+        raise ValueError(f"source {name!r} has {n_train} training tokens left after validation, less than one sequence")
+    np.save(out_dir / "val.npy", np.ascontiguousarray(val_array))
+    train = np.lib.format.open_memmap(out_dir / "train.npy", mode="w+", dtype=np.int32, shape=(n_train,))
+    train[:] = np.memmap(raw_train, dtype=np.int32, mode="r")
+    train.flush()
+    del train
+    raw_train.unlink()
+    return {"kind": source["kind"], "train_tokens": int(n_train), "val_sequences": int(len(val_array)),
+            "weight": float(source["weight"]), "train_documents": counts["train"], "val_documents": counts["val"]}
+
+
+def train_caps(config):
+    """Tokens each source's training stream needs: its weighted share of the budget, plus slack."""
+    sources, budget = config["data"]["sources"], float(config["train"]["tokens"])
+    total_weight = sum(s["weight"] for s in sources)
+    return {s["name"]: int(math.ceil(budget * s["weight"] / total_weight * TRAIN_SLACK)) + config["data"]["seq_len"]
+            for s in sources}
+
+
+def data_fingerprint(config, tokenizer):
+    spec = {"data": config["data"], "caps": train_caps(config), "tokenizer": tokenizer_fingerprint(tokenizer),
+            "python": sys.version if any(s["kind"] == "builtin" for s in config["data"]["sources"]) else None,
+            "format": 1}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare(config, tokenizer, out):
+    """Tokenise every source of `config["data"]` into the cache `out`; a no-op if it is up to date."""
+    out = Path(out)
+    data, caps = config["data"], train_caps(config)
+    names = [s["name"] for s in data["sources"]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"data source names must be unique, got {names}")
+    fingerprint = data_fingerprint(config, tokenizer)
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
+        logger.info("%s is up to date (fingerprint %s)", out, fingerprint)
+        return json.loads(manifest_path.read_text())
+    manifest = {"seq_len": data["seq_len"], "tokenizer": str(tokenizer.name_or_path), "fingerprint": fingerprint,
+                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "sources": {}}
+    with atomic_dir(out) as tmp:
+        for source in data["sources"]:
+            manifest["sources"][source["name"]] = prepare_source(
+                source, tokenizer, data["seq_len"], data["val_sequences"], caps[source["name"]], tmp / source["name"])
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+# ---------------------------------------------------------------- CLI: dsmoe data prepare
+
+
+def register(subparsers):
+    p = subparsers.add_parser("data", help="training and validation data")
+    commands = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    q = commands.add_parser("prepare", help="tokenise, split and pack a run's data sources into a cache directory")
+    q.add_argument("--config", required=True, help="run config YAML (its data section; train.tokens sets how much)")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. data.seq_len=256")
+    q.add_argument("--model", required=True, help="model directory or short name whose tokenizer to use")
+    q.add_argument("--out", required=True, help="data directory (written atomically; reused when up to date)")
+    q.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args):
+    from ..config import load_config, parse_overrides
+    from ..hub import load_tokenizer
+
+    config = load_config(args.config, parse_overrides(args.set))
+    manifest = prepare(config, load_tokenizer(args.model), args.out)
+    for name, entry in manifest["sources"].items():
+        print(f"{name}: {entry['train_tokens']:,} training tokens, {entry['val_sequences']} validation sequences")
+    print(f"wrote {args.out} (fingerprint {manifest['fingerprint']})")

@@ -1,0 +1,123 @@
+"""The prepared-data contract: what `dsmoe data prepare` writes and every stage reads.
+
+    DATA/manifest.json        {"seq_len", "tokenizer", "fingerprint", "sources": {name: {...}}}
+    DATA/<source>/train.npy   1-D int32 token stream
+    DATA/<source>/val.npy     2-D int32 array (n_val, seq_len)
+
+Readers: the manifest, the validation windows (perplexity, sweeps, drop), the training sequences
+and their mixture sampler (training), and the calibration windows (gate init, pruning).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def pack(stream, seq_len):
+    """View a 1-D token stream as consecutive, non-overlapping sequences (the tail < seq_len is dropped)."""
+    n = len(stream) // seq_len
+    return np.asarray(stream[: n * seq_len]).reshape(n, seq_len)
+
+
+def read_manifest(data_dir):
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{data_dir} holds no prepared data (no manifest.json); run `dsmoe data prepare`")
+    return json.loads(path.read_text())
+
+
+def load_validation(data_dir):
+    """`{source: (n_val, seq_len) int32 array}` (memory-mapped) of a prepared data directory."""
+    manifest = read_manifest(data_dir)
+    validation = {}
+    for name in manifest["sources"]:
+        path = Path(data_dir) / name / "val.npy"
+        sequences = np.load(path, mmap_mode="r")
+        if sequences.ndim != 2 or sequences.shape[1] != manifest["seq_len"]:
+            raise ValueError(f"{path} has shape {sequences.shape}, expected (n, {manifest['seq_len']})")
+        validation[name] = sequences
+    return validation
+
+
+def load_train(data_dir):
+    """`{source: (n_train, seq_len) int32 array}`: each training stream packed into sequences (memory-mapped)."""
+    manifest = read_manifest(data_dir)
+    return {name: pack(np.load(Path(data_dir) / name / "train.npy", mmap_mode="r"), manifest["seq_len"])
+            for name in manifest["sources"]}
+
+
+def calibration_windows(data_dir, n_sequences, seq_len=None):
+    """`n_sequences` token windows (LongTensor N x seq_len) from DATA/<source>/train.npy.
+
+    Sources take turns; each source's windows are spaced evenly over its token stream."""
+    manifest = read_manifest(data_dir)
+    seq_len = int(seq_len or manifest["seq_len"])
+    if isinstance(n_sequences, bool) or not isinstance(n_sequences, int) or n_sequences < 1:
+        raise ValueError(f"calibration sequences must be a positive integer, got {n_sequences!r}")
+    sources = list(manifest["sources"])
+    counts = {name: n_sequences // len(sources) + (i < n_sequences % len(sources)) for i, name in enumerate(sources)}
+    windows = []
+    for name, count in counts.items():
+        if count == 0:
+            continue
+        path = Path(data_dir) / name / "train.npy"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found (source {name!r} of {data_dir})")
+        stream = np.load(path, mmap_mode="r")
+        if stream.ndim != 1 or len(stream) < seq_len:
+            raise ValueError(f"{path} must be a 1-D token stream of at least seq_len={seq_len} tokens, got shape {stream.shape}")
+        for start in np.linspace(0, len(stream) - seq_len, count).astype(np.int64):
+            windows.append(np.asarray(stream[start : start + seq_len], dtype=np.int64))
+    return torch.from_numpy(np.stack(windows))
+
+
+class MixtureSampler:
+    """Which training sequences make up the global batch of each step: a pure function of the step.
+
+    Each slot of a batch picks a source with probability proportional to its weight (one stream of
+    uniforms, seeded); inside a source, sequences are read in a seeded permutation per epoch.
+    `batch(step)` needs only the per-source counts before `step`, which `__init__` replays.
+    """
+
+    def __init__(self, sizes, weights, batch_size, seed=0, start_step=0):
+        self.names = list(sizes)
+        self.sizes = np.array([sizes[n] for n in self.names])
+        if (self.sizes < 1).any():
+            raise ValueError(f"every source needs at least one training sequence, got {dict(sizes)}")
+        weights = np.array([weights[n] for n in self.names], dtype=np.float64)
+        self.cdf = np.cumsum(weights / weights.sum())
+        self.batch_size, self.seed = batch_size, seed
+        self.rng = np.random.default_rng(seed)
+        self.counts = np.zeros(len(self.names), dtype=np.int64)
+        self.step = 0
+        self._perms = {}
+        while self.step < start_step:  # replay the source choices, in chunks of many steps
+            chunk = min(start_step - self.step, 4096)
+            choices = self._choose(chunk * batch_size)
+            self.counts += np.bincount(choices, minlength=len(self.names))
+            self.step += chunk
+
+    def _choose(self, n):
+        return np.minimum(np.searchsorted(self.cdf, self.rng.random(n), side="right"), len(self.names) - 1)
+
+    def _sequence(self, source, count):
+        epoch, position = divmod(int(count), int(self.sizes[source]))
+        key = (source, epoch)
+        if key not in self._perms:
+            self._perms = {k: v for k, v in self._perms.items() if k[0] != source}
+            self._perms[key] = np.random.default_rng([self.seed, source, epoch]).permutation(self.sizes[source])
+        return int(self._perms[key][position])
+
+    def next_batch(self):
+        """`[(source name, sequence index)]` for the current step; advances to the next step."""
+        batch = []
+        for source in self._choose(self.batch_size):
+            batch.append((self.names[source], self._sequence(source, self.counts[source])))
+            self.counts[source] += 1
+        self.step += 1
+        return batch
+
+    def state(self):
+        return {"step": self.step, "counts": dict(zip(self.names, map(int, self.counts)))}

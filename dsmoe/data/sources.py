@@ -1,0 +1,131 @@
+"""Document sources of the training mixture: each yields document texts in split order.
+
+  - builtin `stdlib-code` (the running Python's stdlib `.py` files) and `stdlib-prose`
+    (`pydoc_data.topics`), offline;
+  - local `txt` (one document per file), `jsonl` and `parquet` files (a glob; `text_field`);
+  - `hf`: a Hugging Face dataset id, streamed (needs the optional `datasets` extra).
+
+Finite sources (builtin, local) order their documents by a hash of a stable key (relative path,
+topic, file:row); streamed ones keep stream order.
+"""
+
+import glob
+import hashlib
+import importlib.util
+import json
+import sysconfig
+from pathlib import Path
+
+BUILTIN_SOURCES = ("stdlib-code", "stdlib-prose")
+
+
+def _hash_key(key):
+    return hashlib.sha1(key.encode()).hexdigest()
+
+
+def _hash_ordered(documents):
+    """`[(key, text)]` -> texts in the order of their keys' hashes (a stable pseudo-random order)."""
+    return [text for _, text in sorted(documents, key=lambda kv: _hash_key(kv[0]))]
+
+
+
+def stdlib_code_documents():
+    root = Path(sysconfig.get_paths()["stdlib"])
+    documents = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if relative.parts[0] in ("site-packages", "dist-packages"):
+            continue
+        try:
+            documents.append((relative.as_posix(), path.read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, OSError):  # a few test files are deliberately not UTF-8
+            continue
+    return _hash_ordered(documents)
+
+
+def stdlib_prose_documents():
+    from pydoc_data.topics import topics
+
+    return _hash_ordered(topics.items())
+
+
+def _local_files(source):
+    pattern = source.get("path")
+    if not pattern:
+        raise ValueError(f"source {source['name']!r} ({source['kind']}) needs `path`, a file or glob")
+    files = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
+    if not files:
+        raise FileNotFoundError(f"source {source['name']!r}: no file matches {pattern!r}")
+    return files
+
+
+def _text_of(record, field, where):
+    if field not in record:
+        raise ValueError(f"{where} has no text field {field!r}; fields: {', '.join(map(str, record)) or 'none'}")
+    text = record[field]
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"{where}: text field {field!r} holds {type(text).__name__}, not a string")
+    return text or ""
+
+
+def local_documents(source):
+    kind, field, documents = source["kind"], source.get("text_field", "text"), []
+    for file in _local_files(source):
+        if kind == "txt":
+            documents.append((file, Path(file).read_text(encoding="utf-8", errors="replace")))
+        elif kind == "jsonl":
+            with open(file, encoding="utf-8") as handle:
+                for i, line in enumerate(handle, 1):
+                    if line.strip():
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError as err:
+                            raise ValueError(f"{file}:{i} is not valid JSON: {err}") from err
+                        documents.append((f"{file}:{i}", _text_of(record, field, f"{file}:{i}")))
+        else:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(file)
+            if field not in table.column_names:
+                raise ValueError(f"{file} has no text field {field!r}; columns: {', '.join(table.column_names)}")
+            documents += [(f"{file}:{i}", text or "") for i, text in enumerate(table.column(field).to_pylist())]
+    return _hash_ordered(documents)
+
+
+def hf_documents(source):
+    """Stream a Hugging Face dataset's texts in stream order (deterministic without shuffling)."""
+    if importlib.util.find_spec("datasets") is None:
+        raise ValueError(f"source {source['name']!r} streams a Hugging Face dataset: pip install 'dsmoe[datasets]'")
+    import datasets
+
+    dataset_id, field = source.get("path"), source.get("text_field", "text")
+    if not dataset_id:
+        raise ValueError(f"source {source['name']!r} (hf) needs `path`, the dataset id")
+    try:
+        stream = datasets.load_dataset(dataset_id, source.get("subset"), split=source.get("split", "train"),
+                                       data_dir=source.get("data_dir"), streaming=True)
+        first = next(iter(stream))
+    except StopIteration:
+        raise ValueError(f"source {source['name']!r}: Hugging Face dataset {dataset_id!r} is empty") from None
+    except Exception as err:  # datasets raises many types for a missing, gated or offline dataset
+        raise ValueError(f"source {source['name']!r}: cannot open Hugging Face dataset {dataset_id!r}: {err}") from err
+    _text_of(first, field, f"Hugging Face dataset {dataset_id!r}")
+    return (_text_of(record, field, f"{dataset_id} record {i}") for i, record in enumerate(stream))
+
+
+def source_documents(source):
+    """`(documents, total_chars)`: document texts in split order, and their total size when finite."""
+    kind = source["kind"]
+    if kind == "builtin":
+        builders = {"stdlib-code": stdlib_code_documents, "stdlib-prose": stdlib_prose_documents}
+        if source["name"] not in builders:
+            raise ValueError(f"unknown builtin source {source['name']!r}; choose one of {', '.join(BUILTIN_SOURCES)}")
+        documents = builders[source["name"]]()
+    elif kind == "hf":
+        return hf_documents(source), None
+    else:
+        documents = local_documents(source)
+    total_chars = sum(len(text) for text in documents)
+    if total_chars == 0:
+        raise ValueError(f"source {source['name']!r} is an empty corpus: no text in {len(documents)} documents")
+    return documents, total_chars

@@ -1,0 +1,218 @@
+"""`dsmoe eval ppl | sweep | lm-eval`: evaluate a checkpoint and write tidy CSVs.
+
+Every command skips its work when a stamp says that its inputs have not changed since the last run.
+The `model` column holds a label (the checkpoint's directory name by default), the `variant` column
+the method (`dsmoe.names`): a DSMoE variant, or for a dense model its label when that names a method.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from ..atomic import atomic_file, write_csv
+from ..model import check_tau, dsmoe_layers
+from ..names import DENSE, DENSE_METHODS
+from .stamps import fingerprint, up_to_date, write_stamp
+
+
+def model_method(model, label=None):
+    """`config.variant` of a DSMoE model; for a dense one its label if that names a method, else "dense"."""
+    if dsmoe_layers(model):
+        return model.config.variant
+    return label if label in DENSE_METHODS else DENSE
+
+
+def model_tau(model):
+    """The threshold τ of a DSMoE model; NaN for a dense model and for topk (τ plays no part)."""
+    layers = dsmoe_layers(model)
+    return float(layers[0].tau) if layers and layers[0].variant != "topk" else math.nan
+
+
+def model_label(model_path):
+    """The checkpoint directory's name; RUN/model/ is labelled RUN."""
+    path = Path(str(model_path).rstrip("/"))
+    return path.parent.name if path.name == "model" and path.parent.name else path.name
+
+
+def load_for_eval(model_path, dtype="auto", device="auto", tau=None):
+    from ..hub import load_model, resolve_dtype
+    from ..model import set_tau
+
+    model, tokenizer = load_model(str(model_path), dtype=resolve_dtype(dtype))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).eval()
+    if tau is not None:
+        set_tau(model, tau)
+    return model, tokenizer
+
+
+def apply_pruning_record(summary, model_path):
+    """A statically pruned model counts activated params against its unpruned parent (pruning.json)."""
+    record = Path(model_path) / "pruning.json"
+    if not record.is_file():
+        return summary
+    pruning = json.loads(record.read_text())
+    return summary.assign(activated_params=pruning["activated_params"], activated_params_pct=pruning["activated_params_pct"])
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def add_model_args(p, tau_help="set the DSMoE threshold τ in (0, 1) before evaluating (default: the checkpoint's)"):
+    p.add_argument("--model", required=True, help="model directory (dense or DSMoE), short name or Hugging Face id")
+    p.add_argument("--label", default=None, help="value of the `model` column (default: the model directory's name; RUN/model -> RUN)")
+    p.add_argument("--variant", default=None,
+                   help="value of the `variant` column (default: the DSMoE variant; for a dense model the label if it is "
+                        f"one of {', '.join(DENSE_METHODS)}, else dense)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype; auto is bfloat16 on CUDA, float32 on CPU (default auto)")
+    p.add_argument("--device", default="auto", help="torch device, or auto: cuda if available else cpu (default auto)")
+    if tau_help:
+        p.add_argument("--tau", type=float, default=None, help=tau_help)
+
+
+def add_data_args(p):
+    p.add_argument("--data", required=True, help="DATA directory written by `dsmoe data prepare` (manifest.json, <source>/val.npy)")
+    p.add_argument("--max-sequences", type=int, default=None, help="evaluate at most this many validation windows per source (default all)")
+
+
+def register(subparsers):
+    from .harness import STORYCLOZE_ENV, SUITES
+    from .perplexity import TABLE4_TAUS
+
+    p = subparsers.add_parser("eval", help="evaluate a model: perplexity, τ-sweep, lm-eval benchmarks")
+    commands = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
+
+    p = commands.add_parser("ppl", help="per-source validation perplexity, activated params, per-layer active experts")
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--out", required=True, help="output directory: ppl.csv and layers.csv (written atomically)")
+    p.set_defaults(func=cmd_ppl)
+
+    p = commands.add_parser("sweep", help="perplexity and activated params of a DSMoE model at several τ (Table 4, Fig. 2)")
+    add_model_args(p, tau_help=None)
+    add_data_args(p)
+    p.add_argument("--taus", type=float, nargs="+", default=list(TABLE4_TAUS),
+                   help=f"thresholds to evaluate (default Table 4: {' '.join(map(str, TABLE4_TAUS))})")
+    p.add_argument("--out", required=True, help="output CSV, one row per τ (written atomically)")
+    p.add_argument("--layers-out", default=None, help="also write per-τ, per-layer mean active experts to this CSV")
+    p.set_defaults(func=cmd_sweep)
+
+    p = commands.add_parser("lm-eval", aliases=["bench"],
+                            help="lm-eval downstream tasks (local offline tasks or the paper's 10) with activated params")
+    add_model_args(p)
+    p.add_argument("--suite", default="local", choices=sorted(SUITES),
+                   help="local: offline stdlib tasks (default); paper: the paper's 10 lm-eval tasks")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="run these lm-eval tasks instead of the suite (suite tasks keep their shots, others use --num-fewshot)")
+    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples of --tasks outside the suites (default 0)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most N items per task (default all)")
+    p.add_argument("--storycloze-dir", default=None,
+                   help=f"Story Cloze 2016 data dir for storycloze_2016 (default: ${STORYCLOZE_ENV}; unset: the task is skipped)")
+    p.add_argument("--out", required=True, help="output directory: results.json (lm-eval's) and bench.csv (written atomically)")
+    p.set_defaults(func=cmd_lm_eval)
+
+
+def _check_args(args):
+    if getattr(args, "tau", None) is not None:
+        check_tau(args.tau)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if getattr(args, "max_sequences", None) is not None and args.max_sequences < 1:
+        raise ValueError(f"--max-sequences must be positive, got {args.max_sequences}")
+
+
+def _columns(df, model, args):
+    label = args.label or model_label(args.model)
+    return df.assign(model=label, variant=args.variant or model_method(model, label), tau=model_tau(model))
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_ppl(args):
+    from ..data import load_validation
+    from .perplexity import evaluate_ppl
+
+    _check_args(args)
+    out = Path(args.out)
+    outputs = [out / "ppl.csv", out / "layers.csv"]
+    validation = load_validation(args.data)
+    key = fingerprint([args.model, args.data], command="ppl", tau=args.tau, label=args.label, variant=args.variant,
+                      max_sequences=args.max_sequences, dtype=args.dtype)
+    if up_to_date(out / ".ppl.stamp.json", key, outputs):
+        print(f"{out}: up to date, nothing to do")
+        return
+    model, _ = load_for_eval(args.model, args.dtype, args.device, args.tau)
+    df = evaluate_ppl(model, validation, args.batch_size, args.max_sequences)
+    front = ["model", "variant", "tau"]
+    summary = apply_pruning_record(_columns(df, model, args), args.model)
+    write_csv(summary[front + list(df.columns)], outputs[0])
+    layers = _columns(df.attrs["layers"], model, args)
+    write_csv(layers[front + ["source", "layer", "mean_active_experts"]], outputs[1])
+    write_stamp(out / ".ppl.stamp.json", key)
+    print(summary[["source", "ppl", "tokens", "activated_params_pct", "mean_active_experts"]].to_string(index=False))
+
+
+def cmd_sweep(args):
+    from ..data import load_validation
+    from .perplexity import sweep_tau
+
+    _check_args(args)
+    for tau in args.taus:
+        check_tau(tau)
+    out = Path(args.out)
+    outputs = [out] + ([Path(args.layers_out)] if args.layers_out else [])
+    stamp = out.with_name(f".{out.name}.stamp.json")
+    validation = load_validation(args.data)
+    key = fingerprint([args.model, args.data], command="sweep", taus=args.taus, label=args.label, variant=args.variant,
+                      max_sequences=args.max_sequences, dtype=args.dtype, layers_out=args.layers_out)
+    if up_to_date(stamp, key, outputs):
+        print(f"{out}: up to date, nothing to do")
+        return
+    model, _ = load_for_eval(args.model, args.dtype, args.device)
+    df = sweep_tau(model, validation, args.taus, args.batch_size, args.max_sequences)
+    layers = df.attrs["layers"]
+    label = args.label or model_label(args.model)
+    variant = args.variant or model_method(model, label)
+    df = df.assign(model=label, variant=variant)
+    write_csv(df[["model", "variant"] + [c for c in df.columns if c not in ("model", "variant")]], out)
+    if args.layers_out:
+        layers = layers.assign(model=label, variant=variant)
+        write_csv(layers[["model", "variant", "tau", "source", "layer", "mean_active_experts"]], args.layers_out)
+    write_stamp(stamp, key)
+    print(df[["tau", "ppl", "activated_params_pct", "mean_active_experts"]].to_string(index=False))
+
+
+def cmd_lm_eval(args):
+    from .harness import CSV_COLUMNS, STORYCLOZE_ENV, TASKS_DIR, run_bench, select_tasks
+
+    _check_args(args)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be positive, got {args.limit}")
+    tasks = select_tasks(args.suite, args.tasks, args.num_fewshot)
+    out = Path(args.out)
+    outputs, stamp = [out / "results.json", out / "bench.csv"], out / ".bench.stamp.json"
+    storycloze_dir = args.storycloze_dir or os.environ.get(STORYCLOZE_ENV)
+    task_key = fingerprint([args.model, TASKS_DIR], tau=args.tau, limit=args.limit, dtype=args.dtype, storycloze_dir=storycloze_dir)
+    key = fingerprint([args.model, TASKS_DIR], tasks=tasks, task_key=task_key, label=args.label, variant=args.variant)
+    if up_to_date(stamp, key, outputs):
+        print(f"{out}: up to date, nothing to do")
+        return
+    model, tokenizer = load_for_eval(args.model, args.dtype, args.device, args.tau)
+    results, df = run_bench(model, tokenizer, tasks, args.limit, args.batch_size, storycloze_dir,
+                            cache_dir=out / ".tasks", cache_key=task_key)
+    label = args.label or model_label(args.model)
+    variant, tau = args.variant or model_method(model, label), model_tau(model)
+    results["dsmoe"] = {"model": label, "variant": variant, "tau": None if math.isnan(tau) else tau, "limit": args.limit}
+    df = df.assign(model=label, variant=variant, tau=tau).reindex(columns=CSV_COLUMNS)
+    with atomic_file(outputs[0]) as handle:
+        json.dump(results, handle, indent=2)
+    write_csv(df, outputs[1])
+    write_stamp(stamp, key)
+    print(df[["task", "metric", "value", "stderr", "activated_params_pct"]].to_string(index=False))

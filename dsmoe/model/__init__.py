@@ -1,0 +1,28 @@
+"""The DSMoE model: config, modeling and sparse FFN files (these travel with every checkpoint for
+`trust_remote_code=True`), plus their registration with the transformers Auto classes."""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .configuration_dsmoe import VARIANTS, DSMoEConfig, check_n_experts, check_tau, check_top_k, check_variant
+from .modeling_dsmoe import DSMoEForCausalLM, DSMoEMLP, check_swiglu, decoder_layers, dsmoe_layers, route, set_tau
+
+AutoConfig.register("dsmoe", DSMoEConfig, exist_ok=True)
+AutoModelForCausalLM.register(DSMoEConfig, DSMoEForCausalLM, exist_ok=True)
+DSMoEConfig.register_for_auto_class()
+DSMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "VARIANTS",
+    "DSMoEConfig",
+    "DSMoEForCausalLM",
+    "DSMoEMLP",
+    "check_n_experts",
+    "check_swiglu",
+    "check_tau",
+    "check_top_k",
+    "check_variant",
+    "decoder_layers",
+    "dsmoe_layers",
+    "route",
+    "set_tau",
+]
