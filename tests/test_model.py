@@ -150,3 +150,21 @@ def test_convert_rejects_a_model_without_decoder_layers():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(TypeError, match="GPT2LMHeadModel has no `model.layers`"):
         dsmoe.convert(model)
+
+
+def test_generate_uses_the_cache_without_deprecation_warning(tiny_llama):
+    """generate() hands the KV cache over under the name the installed transformers expects."""
+    import warnings
+
+    model = dsmoe.convert(tiny_llama, n_experts=4, tau=0.3).eval()
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+                    and ("cache" in str(w.message) or "past_key_values" in str(w.message))]
+    assert not deprecations
+    reference = ids  # greedy decoding recomputed from scratch at every step, no cache
+    for _ in range(4):
+        reference = torch.cat([reference, model(reference).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, reference)

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..accounting import RoutingRecorder, RoutingStats, activated_params
+from ..config import schema_default
 from ..model import check_tau, dsmoe_layers, set_tau
 
-TABLE4_TAUS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+TABLE4_TAUS = tuple(schema_default("eval.tau_sweep"))  # the grid of Table 4
 
 
 def token_nll(model, input_ids):
