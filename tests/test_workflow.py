@@ -83,9 +83,24 @@ def smoke_run():
 @pytest.mark.parametrize("configfile", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_dry_run(configfile, tmp_path):
     result = snakemake("--configfile", str(configfile), "-n", "--quiet", "rules", workdir=tmp_path)
-    for rule in ("base_model", "data", "convert", "pretrain", "eval_ppl", "benchmark", "tau_sweep",
-                 "no_gx_sweep", "prune", "drop_sweep", "collect", "notebook_tables", "notebook_explorer"):
+    for rule in ("run_config", "base_model", "data", "convert", "pretrain", "eval_ppl", "lm_eval", "tau_sweep",
+                 "prune", "drop_sweep", "collect", "notebook_tables", "notebook_explorer"):
         assert rule in result.stdout, f"{configfile.name}: rule {rule} not planned"
+
+
+def files_under(directory):
+    return {path.relative_to(directory) for path in Path(directory).rglob("*") if not path.is_dir()}
+
+
+@pytest.mark.parametrize("args", [["-n"], ["--lint"]], ids=["dry_run", "lint"])
+def test_parsing_writes_no_file(args, tmp_path):
+    """Nothing is written when the Snakefile is parsed: the run config is a rule's output.
+
+    Snakemake itself writes only under .snakemake/ (a dry run: its I/O cache; --lint: its log)."""
+    snakemake("--configfile", str(SMOKE), *args, workdir=tmp_path)
+    written = files_under(tmp_path)
+    assert all(path.parts[0] == ".snakemake" for path in written), sorted(written)
+    assert not files_under(tmp_path / ".snakemake" / "metadata"), "a job was recorded"
 
 
 def test_default_config_is_used_without_configfile(tmp_path):

@@ -7,7 +7,7 @@ rule prune:
     output:
         model=directory(f"{RESULTS}/init/prune_{{kind}}"),
     params:
-        size=prune_size_flag(),
+        size=prune_size_flag,
         calibration_sequences=config["baselines"]["calibration_sequences"],
     log:
         f"{LOGS}/prune/{{kind}}.log",

@@ -6,6 +6,8 @@ from pathlib import Path
 import yaml
 from snakemake.utils import min_version, validate
 
+from dsmoe.names import DENSE, DENSE_CONTINUED, PRUNE_KINDS, RUN_DATA, SWEEP_GRIDS, TABLES, prune_method
+
 min_version("9.0")
 
 
@@ -30,44 +32,34 @@ NOTEBOOKS = BASEDIR / "notebooks"
 PAPER_RESULTS = BASEDIR / "dsmoe" / "report" / "paper_results.yaml"
 
 CONVERTED = list(config["variants"])  # dsmoe, no_ste, no_gx, topk: converted, then trained
-PRUNED = [f"prune_{kind}" for kind in config["baselines"]["prune"]]  # pruned, then trained dense
-TRAINED = CONVERTED + (["dense_continued"] if config["dense_continued"] else []) + PRUNED
-EVALUATED = ["dense"] + TRAINED  # "dense" is the base model as it comes
-SWEEPS = {"dsmoe": "tau_sweep", "no_gx": "no_gx_tau_sweep"}  # variant -> eval key of its τ grid
-SWEPT = [variant for variant in SWEEPS if variant in CONVERTED]
-TABLES = ["table1", "table2", "table3", "table4", "claims"]
-DATA_FILES = ["ppl", "layers", "bench", "sweep", "sweep_layers", "drop"]
+PRUNED = [prune_method(kind) for kind in config["baselines"]["prune"]]  # pruned, then trained dense
+TRAINED = CONVERTED + ([DENSE_CONTINUED] if config["dense_continued"] else []) + PRUNED
+EVALUATED = [DENSE] + TRAINED  # DENSE is the base model as it comes
+SWEPT = [variant for variant in SWEEP_GRIDS if variant in CONVERTED]  # each on its own τ grid
+RUN_CONFIG = f"{RESULTS}/config.yaml"  # written by rule run_config, read by the `dsmoe` commands
+
+
+def one_of(names):
+    """A wildcard constraint matching any of these names ("none", no name, when there are none)."""
+    return "|".join(names) or "none"
 
 
 wildcard_constraints:
-    variant="|".join(CONVERTED) or "none",
-    trained="|".join(TRAINED),
-    model="|".join(EVALUATED),
-    kind="channel|wanda",
+    variant=one_of(CONVERTED),
+    trained=one_of(TRAINED),
+    model=one_of(EVALUATED),
+    kind=one_of(PRUNE_KINDS),
 
 
-def write_run_config():
-    """The validated config with all defaults, as the `dsmoe` commands read it.
-
-    Rewritten only when its content changes, so that its date does not trigger reruns; each rule
-    lists the config sections it depends on as params instead (a params change reruns the rule).
-    """
-    path = Path(RESULTS) / "config.yaml"
-    text = yaml.safe_dump(config, sort_keys=False)
-    if not path.is_file() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".config.yaml.{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return str(path)
-
-
-RUN_CONFIG = write_run_config()
+def write_run_config(path, log):
+    """The validated config with all defaults, as the `dsmoe` commands read it (rule run_config)."""
+    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+    Path(log).write_text(f"wrote {path}\n")
 
 
 def model_dir(label):
     """The checkpoint directory that a model label evaluates."""
-    if label == "dense":
+    if label == DENSE:
         return f"{RESOURCES}/base"
     return f"{RESULTS}/models/{label}/model"
 
@@ -94,12 +86,10 @@ def gate_init_flags(wildcards, input):
 
 
 def train_init(wildcards):
-    """What continued pretraining starts from: the converted, the pruned or the dense base model."""
-    if wildcards.trained in CONVERTED:
-        return f"{RESULTS}/init/{wildcards.trained}"
-    if wildcards.trained in PRUNED:
-        return f"{RESULTS}/init/{wildcards.trained}"
-    return f"{RESOURCES}/base"
+    """What continued pretraining starts from: the converted or pruned model, else the dense base model."""
+    if wildcards.trained == DENSE_CONTINUED:
+        return f"{RESOURCES}/base"
+    return f"{RESULTS}/init/{wildcards.trained}"
 
 
 def train_variant(wildcards):
@@ -115,8 +105,8 @@ def train_launcher(wildcards, resources):
     return "dsmoe"
 
 
-def sweep_taus(variant):
-    return " ".join(str(tau) for tau in config["eval"][SWEEPS[variant]])
+def sweep_taus(wildcards):
+    return " ".join(str(tau) for tau in config["eval"][SWEEP_GRIDS[wildcards.variant]])
 
 
 def max_sequences_flag():
@@ -129,19 +119,19 @@ def bench_limit_flag():
     return "" if limit is None else f"--limit {limit}"
 
 
-def prune_size_flag():
-    """A fixed pruning fraction, or (null) the trained DSMoE model's activated-params percent."""
-    fraction = config["baselines"]["prune_fraction"]
-    if fraction is not None:
-        return f"--fraction {fraction}"
-    return f'--match-activated-pct "$(dsmoe report activated-pct {RESULTS}/eval/ppl/dsmoe/ppl.csv)"'
-
-
 def prune_inputs(wildcards):
+    """The base model and data, plus (prune_fraction null) the trained DSMoE model's ppl.csv."""
     inputs = {"model": f"{RESOURCES}/base", "data": f"{RESOURCES}/data"}
     if config["baselines"]["prune_fraction"] is None:
         inputs["match"] = f"{RESULTS}/eval/ppl/dsmoe/ppl.csv"
     return inputs
+
+
+def prune_size_flag(wildcards, input):
+    """A fixed pruning fraction, or the activated-params percent read from input.match."""
+    if "match" in input.keys():
+        return f"--match-ppl-csv {input.match}"
+    return f"--fraction {config['baselines']['prune_fraction']}"
 
 
 def eval_outputs(kind, filename):
@@ -168,7 +158,7 @@ def all_outputs():
     return (
         table_files()
         + figure_files(figure_names())
-        + expand(f"{RESULTS}/data/{{name}}.csv", name=DATA_FILES)
+        + expand(f"{RESULTS}/data/{{name}}.csv", name=RUN_DATA)
     )
 
 

@@ -19,7 +19,7 @@ rule eval_ppl:
         " --batch-size {params.batch_size} {params.max_sequences} --out {params.out_dir} > {log} 2>&1"
 
 
-rule benchmark:
+rule lm_eval:
     """Downstream tasks through lm-evaluation-harness (Table 2): offline local tasks or the paper's ten."""
     input:
         model=eval_model_dir,
