@@ -1,4 +1,4 @@
-"""Trainer: learning, sparsity, resume after SIGKILL, variants and bad input (dsmoe/train.py).
+"""Trainer: learning, sparsity, resume after SIGKILL, variants and bad input (dsmoe/train/).
 
 Tiny random LLaMA (vocab 320, hidden 32, 2 layers) converted to 8 experts, on the builtin sources.
 """
@@ -23,6 +23,7 @@ from dsmoe import data
 from dsmoe.hub import save_model
 from dsmoe.config import validate_config
 from dsmoe.train import TrainingDiverged, param_groups, train
+from dsmoe.train.checkpoint import Resume, resume_point
 
 SEQ_LEN = 32
 
@@ -195,3 +196,24 @@ def test_wanda_pruned_init_keeps_its_zeros(setup, tmp_path):
     assert torch.equal(up[:, ::2], torch.zeros_like(up[:, ::2]))
     assert (up[:, 1::2] != mlp.up_proj.weight[:, 1::2]).any()  # the rest did train
     assert json.loads((trained / "pruning.json").read_text())["kind"] == "wanda"  # evaluation counts against it
+
+
+def fake_checkpoints(run_dir, steps, fingerprint):
+    for step in steps:
+        path = run_dir / "checkpoints" / f"step_{step}"
+        path.mkdir(parents=True)
+        (path / "trainer_state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
+    (run_dir / "checkpoints" / ".tmp-step_9").mkdir()  # a save cut short: never a resume point
+
+
+def test_resume_decision(tmp_path):
+    assert resume_point(tmp_path / "new", "abc") == Resume(None, discard=False)
+    fake_checkpoints(tmp_path / "same", [2, 10, 4], "abc")
+    assert resume_point(tmp_path / "same", "abc") == Resume(tmp_path / "same" / "checkpoints" / "step_10", discard=False)
+    assert resume_point(tmp_path / "same", "abc", resume=False) == Resume(None, discard=True)
+    fake_checkpoints(tmp_path / "other", [3], "xyz")
+    with pytest.raises(ValueError, match="different config.*--overwrite"):
+        resume_point(tmp_path / "other", "abc")
+    with pytest.raises(ValueError, match="different config"):
+        resume_point(tmp_path / "other", "abc", resume=False)  # --no-resume alone does not discard another config
+    assert resume_point(tmp_path / "other", "abc", overwrite=True) == Resume(None, discard=True)

@@ -1,0 +1,144 @@
+"""One optimizer step: the loss of each variant (Eq. 17-19), gradient accumulation, the update, adaptive λ.
+
+Step statistics are a vector `[loss, lm, sparsity, balance, per-layer active experts...]`, averaged
+over the micro-batches and the processes; train_log.csv rows are their mean over a log interval.
+"""
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..losses import load_balancing_loss, sparsity_loss
+from ..model import VARIANTS, dsmoe_layers
+
+SPARSITY_VARIANTS = ("dsmoe", "no_ste", "no_gx")  # trained with λ·sparsity loss; topk with load balancing
+
+
+class TrainingDiverged(ValueError):
+    pass
+
+
+def apply_variant(model, variant):
+    """Set the training forward of every DSMoE layer to `variant`; `None` keeps the model's own.
+
+    Returns the variant trained: `dense` for a model without DSMoE layers (or when asked)."""
+    layers = dsmoe_layers(model)
+    if variant is None:
+        return model.config.variant if layers else "dense"
+    if variant == "dense":
+        return "dense"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of dense, {', '.join(VARIANTS)}")
+    if not layers:
+        raise ValueError(f"variant {variant!r} needs a DSMoE model but the init model is dense: "
+                         "convert it first (dsmoe convert) or train it with --variant dense")
+    if variant == "topk" and not 1 <= model.config.num_experts_per_tok <= model.config.n_experts:
+        raise ValueError(f"topk needs 1 <= num_experts_per_tok <= n_experts, got {model.config.num_experts_per_tok}")
+    for layer in layers:
+        layer.variant = variant
+    model.config.variant = variant
+    return variant
+
+
+def param_groups(model, weight_decay, gate_lr=None):
+    """AdamW groups: weight decay on matrices only (nanoGPT); the gates apart when `gate_lr` is set."""
+    decay, no_decay, gates = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if gate_lr is not None and name.endswith("mlp.gate.weight"):
+            gates.append(param)
+        else:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if gates:
+        groups.append({"params": gates, "weight_decay": weight_decay, "lr": gate_lr})
+    return [group for group in groups if group["params"]]
+
+
+def pruning_masks(model, init):
+    """Masks that keep an unstructured-pruned (Wanda) init's zeros at zero through training.
+
+    `dsmoe baseline prune --kind wanda` writes pruning.json beside the weights; the FFN weights that
+    are zero at init stay zero, so the trained model keeps its matched activated params."""
+    info = Path(init) / "pruning.json"
+    if not info.is_file() or json.loads(info.read_text()).get("kind") != "wanda":
+        return {}
+    suffixes = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+    return {name: param != 0 for name, param in model.named_parameters() if name.endswith(suffixes)}
+
+
+def auxiliary_losses(model, variant):
+    """`(sparsity, load_balancing)` of the latest forward; None where the variant has no such term."""
+    if variant == "dense":
+        return None, None
+    if variant == "topk":
+        return None, load_balancing_loss(model)
+    return sparsity_loss(model), None
+
+
+def micro_batch_loss(model, input_ids, variant, lam, balance_coef):
+    """Forward one micro-batch: the loss to minimise and its terms `[loss, lm, sparsity, balance]` (detached)."""
+    lm_loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+    sparse, balance = auxiliary_losses(model, variant)
+    sparse = lm_loss.new_zeros(()) if sparse is None else sparse
+    balance = lm_loss.new_zeros(()) if balance is None else balance
+    loss = lm_loss + lam * sparse + balance_coef * balance
+    return loss, torch.stack([loss, lm_loss, sparse, balance]).detach().float()
+
+
+def mean_active_experts(layers):
+    """Per-layer mean number of active experts per token in the latest forward.
+
+    For no_gx, whose training forward runs every expert, count the experts with σ > τ, which
+    inference would run."""
+    counts = []
+    for layer in layers:
+        active = layer.last_gate_probs > layer.tau if layer.variant == "no_gx" else layer.last_active
+        counts.append(active.float().sum(-1).mean())
+    return torch.stack(counts).detach() if counts else torch.zeros(0)
+
+
+def active_fraction(per_layer_active, layers):
+    """Mean over layers of the fraction of experts active per token (1.0 for a dense model)."""
+    if not layers:
+        return 1.0
+    return float(np.mean([k / layer.n_experts for k, layer in zip(per_layer_active, layers)]))
+
+
+def accumulate_gradients(accelerator, model, input_ids, accumulation, layers, variant, lam, balance_coef):
+    """Forward and backward this process's batch in `accumulation` micro-batches; return the step statistics.
+
+    Gradients are synchronised across processes on the last micro-batch only."""
+    step_stats = torch.zeros(4 + len(layers), device=accelerator.device)
+    for k, ids in enumerate(input_ids.to(accelerator.device).chunk(accumulation)):
+        sync = k == accumulation - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            loss, terms = micro_batch_loss(model, ids, variant, lam, balance_coef)
+            accelerator.backward(loss / accumulation)
+        step_stats += torch.cat([terms, mean_active_experts(layers).to(terms.device)]) / accumulation
+    return accelerator.reduce(step_stats, "mean")
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, grad_clip, masked_params):
+    """Clip the gradients, update, re-zero a pruned init's weights, advance the schedule."""
+    if grad_clip > 0:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    with torch.no_grad():
+        for param, mask in masked_params:
+            param.mul_(mask)
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def adapted_lambda(lam, step_stats, layers, variant, adaptive):
+    """Beyond the paper (ReMoE style): the λ of the next step, raised by `rate` while the experts are
+    more active than `target_fraction`, lowered by it otherwise; unchanged when off."""
+    if not adaptive["enabled"] or variant not in SPARSITY_VARIANTS:
+        return lam
+    too_dense = active_fraction(step_stats[4:].tolist(), layers) > adaptive["target_fraction"]
+    return lam * adaptive["rate"] if too_dense else lam / adaptive["rate"]
