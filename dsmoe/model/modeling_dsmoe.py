@@ -121,6 +121,7 @@ class DSMoEMLP(nn.Module):
         layer.gate_proj, layer.up_proj, layer.down_proj, layer.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
         weight = mlp.gate_proj.weight
         layer.gate = layer.gate.to_empty(device=weight.device).to(weight.dtype)
+        layer.gate.reset_parameters()  # draws from the RNG as nn.Linear() does: same seed, same gates as before
         nn.init.normal_(layer.gate.weight, std=config.gate_init_std)
         return layer
 
