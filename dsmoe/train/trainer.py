@@ -9,7 +9,7 @@ the Switch load-balancing loss for topk; none for dense (the "dense continued" c
 Beyond the paper, off by default: an adaptive λ (ReMoE style) and a separate gate learning rate.
 
 This file: setup, the loop, the final save and the CLI; one step is in step.py, checkpoints and
-the resume decision in checkpoint.py, train_log.csv in log.py.
+the resume decision in checkpoint.py, stopping a diverged run in divergence.py, train_log.csv in log.py.
 """
 
 import importlib.util
@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data as data_module
-from ..model import dsmoe_layers
 from ..atomic import check_out
+from ..model import dsmoe_layers
 from .checkpoint import clear_checkpoints, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
 from .divergence import DivergenceGuard
 from .log import TrainLog
