@@ -103,13 +103,16 @@ def register(subparsers):
     p.add_argument("--calibration-target", type=float, default=schema_default("dsmoe.calibration_target"),
                    help="gate value σ of a median token after calibration (default %(default)s)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a dsmoe model")
     p.set_defaults(func=cmd_convert)
 
 
 def cmd_convert(args):
+    from .atomic import check_out
     from .data import calibration_windows
     from .hub import load_model, save_model
 
+    check_out(args.out, "model", args.overwrite)
     ids = None
     if args.gate_init == "calibrated":
         if not args.calibration_data:
@@ -119,5 +122,5 @@ def cmd_convert(args):
     validate_conversion(model, args.n_experts, args.tau, args.variant, args.top_k)
     model = convert(model, args.n_experts, args.tau, args.variant, args.top_k, args.gate_init_std,
                     calibration_ids=ids, calibration_target=args.calibration_target)
-    save_model(model, tokenizer, args.out)
+    save_model(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"wrote {args.variant} model with {args.n_experts} experts per FFN, tau={args.tau}, to {args.out}")

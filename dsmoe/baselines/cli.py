@@ -6,7 +6,7 @@ The top-k (LLaMA-MoE) baseline is the `topk` variant of `dsmoe convert`, trained
 import json
 from pathlib import Path
 
-from ..atomic import atomic_dir, write_csv
+from ..atomic import atomic_dir, check_out, write_csv
 from ..config import schema_default
 from ..names import PRUNE_KINDS
 
@@ -36,6 +36,7 @@ def cmd_prune(args):
 
     if args.kind not in PRUNE_KINDS:
         raise ValueError(f"unknown pruning kind {args.kind!r}; choose one of {', '.join(PRUNE_KINDS)}")
+    check_out(args.out, "pruned", args.overwrite)
     if args.fraction is not None:
         check_fraction(args.fraction)
     target_pct = args.match_activated_pct
@@ -49,7 +50,7 @@ def cmd_prune(args):
     summary = {"source_model": str(args.model), **prune(model, args.kind, fraction, calibration, args.batch_size)}
     if target_pct is not None:
         summary["target_activated_params_pct"] = target_pct
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out, "pruned", args.overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "pruning.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -91,4 +92,5 @@ def register(subparsers):
     p.add_argument("--calibration-seq-len", type=int, default=None, help="calibration sequence length (default: the data's seq_len)")
     p.add_argument("--batch-size", type=int, default=1, help="calibration sequences per forward (default 1)")
     p.add_argument("--out", required=True, help="output model directory, with pruning.json (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a dsmoe pruned model")
     p.set_defaults(func=cmd_prune)

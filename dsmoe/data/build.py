@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, check_out
 from .prepared import pack
 from .sources import source_documents
 
@@ -112,8 +112,10 @@ def data_fingerprint(config, tokenizer):
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare(config, tokenizer, out):
-    """Tokenise every source of `config["data"]` into the cache `out`; a no-op if it is up to date."""
+def prepare(config, tokenizer, out, overwrite=False):
+    """Tokenise every source of `config["data"]` into the cache `out`; a no-op if it is up to date.
+
+    An existing `out` that is not a dsmoe data output is refused unless `overwrite`."""
     out = Path(out)
     data, caps = config["data"], train_caps(config)
     names = [s["name"] for s in data["sources"]]
@@ -124,9 +126,10 @@ def prepare(config, tokenizer, out):
     if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
         logger.info("%s is up to date (fingerprint %s)", out, fingerprint)
         return json.loads(manifest_path.read_text())
+    check_out(out, "data", overwrite)
     manifest = {"seq_len": data["seq_len"], "tokenizer": str(tokenizer.name_or_path), "fingerprint": fingerprint,
                 "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "sources": {}}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "data", overwrite) as tmp:
         for source in data["sources"]:
             manifest["sources"][source["name"]] = prepare_source(
                 source, tokenizer, data["seq_len"], data["val_sequences"], caps[source["name"]], tmp / source["name"])
@@ -145,6 +148,7 @@ def register(subparsers):
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. data.seq_len=256")
     q.add_argument("--model", required=True, help="model directory or short name whose tokenizer to use")
     q.add_argument("--out", required=True, help="data directory (written atomically; reused when up to date)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not dsmoe data")
     q.set_defaults(func=cmd_prepare)
 
 
@@ -153,7 +157,7 @@ def cmd_prepare(args):
     from ..hub import load_tokenizer
 
     config = load_config(args.config, parse_overrides(args.set))
-    manifest = prepare(config, load_tokenizer(args.model), args.out)
+    manifest = prepare(config, load_tokenizer(args.model), args.out, args.overwrite)
     for name, entry in manifest["sources"].items():
         print(f"{name}: {entry['train_tokens']:,} training tokens, {entry['val_sequences']} validation sequences")
     print(f"wrote {args.out} (fingerprint {manifest['fingerprint']})")

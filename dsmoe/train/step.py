@@ -6,6 +6,7 @@ over the micro-batches and the processes; train_log.csv rows are their mean over
 
 import contextlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -123,10 +124,15 @@ def accumulate_gradients(accelerator, model, input_ids, accumulation, layers, va
     return accelerator.reduce(step_stats, "mean")
 
 
-def optimizer_step(accelerator, model, optimizer, scheduler, grad_clip, masked_params):
-    """Clip the gradients, update, re-zero a pruned init's weights, advance the schedule."""
-    if grad_clip > 0:
-        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+def clip_gradients(accelerator, model, grad_clip):
+    """Clip the gradients to norm `grad_clip` (0: no clipping); return their total norm before clipping.
+
+    Without clipping the norm comes from the same call with an infinite bound (it scales by exactly 1)."""
+    return accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+
+
+def optimizer_step(optimizer, scheduler, masked_params):
+    """Update, re-zero a pruned init's weights, advance the schedule."""
     optimizer.step()
     with torch.no_grad():
         for param, mask in masked_params:

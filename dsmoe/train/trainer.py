@@ -9,7 +9,7 @@ the Switch load-balancing loss for topk; none for dense (the "dense continued" c
 Beyond the paper, off by default: an adaptive λ (ReMoE style) and a separate gate learning rate.
 
 This file: setup, the loop, the final save and the CLI; one step is in step.py, checkpoints and
-the resume decision in checkpoint.py, train_log.csv in log.py.
+the resume decision in checkpoint.py, stopping a diverged run in divergence.py, train_log.csv in log.py.
 """
 
 import importlib.util
@@ -21,11 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data as data_module
+from ..atomic import check_out
 from ..model import dsmoe_layers
 from .checkpoint import clear_checkpoints, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
+from .divergence import DivergenceGuard
 from .log import TrainLog
-from .step import (TrainingDiverged, accumulate_gradients, adapted_lambda, apply_variant, optimizer_step,
-                   param_groups, pruning_masks)
+from .step import (accumulate_gradients, adapted_lambda, apply_variant, clip_gradients, optimizer_step, param_groups,
+                   pruning_masks)
 
 
 def resolve_mixed_precision(name):
@@ -122,6 +124,7 @@ def setup(config, init, data_dir, out, variant, overwrite, resume):
     from ..hub import load_model
 
     tc = config["train"]
+    check_out(out / "model", "model", overwrite)
     out.mkdir(parents=True, exist_ok=True)
     tensorboard = importlib.util.find_spec("tensorboard") is not None
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc["mixed_precision"]),
@@ -144,14 +147,15 @@ def setup(config, init, data_dir, out, variant, overwrite, resume):
     named = dict(accelerator.unwrap_model(model).named_parameters())
     masked_params = [(named[name], mask.to(named[name].device)) for name, mask in masks.items()]
     state = {"step": 0, "fingerprint": fingerprint, "variant": variant, "sparsity_lambda": tc["sparsity_lambda"]}
-    if start.checkpoint is not None:
-        state = load_checkpoint(accelerator, start.checkpoint)
+    checkpoint = None
+    if start.checkpoints:
+        state, checkpoint = load_checkpoint(accelerator, out, start.checkpoints)
     batches = ProcessBatches(data_dir, manifest, tc, accelerator, start_step=state["step"])
     return Run(config=tc, out=out, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
                scheduler=scheduler, masked_params=masked_params, variant=variant, fingerprint=fingerprint,
                total_steps=total_steps, accumulation=accumulation,
                tokens_per_step=tc["batch_size"] * manifest["seq_len"], batches=batches, state=state,
-               start=start.checkpoint, tensorboard=tensorboard)
+               start=checkpoint, tensorboard=tensorboard)
 
 
 def training_loop(run):
@@ -160,16 +164,15 @@ def training_loop(run):
     step, lam = run.state["step"], run.state["sparsity_lambda"]
     layers = dsmoe_layers(run.model)
     log = TrainLog(accelerator, run.out, step, layers, run.tokens_per_step, run.tensorboard)
-    last_checkpoint = str(run.start) if run.start else None
+    guard = DivergenceGuard(accelerator, layers, tc["all_experts_off_steps"], len(run.tokenizer), run.start)
     bar = tqdm(total=run.total_steps, initial=step, desc=f"train {run.variant}", unit="step",
                disable=not accelerator.is_local_main_process)
     while step < run.total_steps:
         step_stats = accumulate_gradients(accelerator, run.model, run.batches.next_batch(), run.accumulation, layers,
                                           run.variant, lam, tc["load_balancing_coef"])
-        if not torch.isfinite(step_stats[0]):
-            raise TrainingDiverged(f"loss is {step_stats[0].item()} at step {step + 1}; training stopped. "
-                                   f"Last good checkpoint: {last_checkpoint or 'none'}")
-        optimizer_step(accelerator, run.model, run.optimizer, run.scheduler, tc["grad_clip"], run.masked_params)
+        grad_norm = clip_gradients(accelerator, run.model, tc["grad_clip"])
+        guard.check_step(step + 1, step_stats, grad_norm)
+        optimizer_step(run.optimizer, run.scheduler, run.masked_params)
         step += 1
         bar.update(1)
         log.add(step_stats)
@@ -180,7 +183,8 @@ def training_loop(run):
         if step % tc["checkpoint_every"] == 0 or step == run.total_steps:
             state = {"step": step, "fingerprint": run.fingerprint, "variant": run.variant, "sparsity_lambda": lam,
                      "data_position": run.batches.position(), "tokens": step * run.tokens_per_step}
-            last_checkpoint = str(save_checkpoint(accelerator, run.out, step, state, tc["keep_checkpoints"]))
+            guard.check_weights(run.model, step)
+            guard.saved(save_checkpoint(accelerator, run.out, step, state, tc["keep_checkpoints"]))
     bar.close()
 
 
@@ -196,10 +200,10 @@ def train(config, init, data_dir, out, variant=None, overwrite=False, resume=Tru
     pruning = Path(init) / "pruning.json"
     extra_files = [pruning] if pruning.is_file() else []
     return save_final_model(run.accelerator, run.model, run.tokenizer, run.out / "model", resolve_dtype(config["dtype"]),
-                            extra_files)
+                            extra_files, overwrite)
 
 
-def save_final_model(accelerator, model, tokenizer, path, dtype, extra_files=()):
+def save_final_model(accelerator, model, tokenizer, path, dtype, extra_files=(), overwrite=False):
     """The trained model, in the run's dtype, via save_pretrained (atomic); FSDP shards are gathered.
 
     `extra_files` (a pruned init's pruning.json) are copied beside it."""
@@ -210,9 +214,10 @@ def save_final_model(accelerator, model, tokenizer, path, dtype, extra_files=())
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         if state_dict is not None and accelerator.distributed_type.name == "FSDP":
-            save_model(unwrapped, tokenizer, path, extra_files, state_dict={k: v.to(dtype) for k, v in state_dict.items()})
+            save_model(unwrapped, tokenizer, path, extra_files, overwrite,
+                       state_dict={k: v.to(dtype) for k, v in state_dict.items()})
         else:
-            save_model(unwrapped.to(dtype), tokenizer, path, extra_files)
+            save_model(unwrapped.to(dtype), tokenizer, path, extra_files, overwrite)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return path
@@ -230,7 +235,8 @@ def register(subparsers):
     p.add_argument("--variant", default=None,
                    help="dsmoe | no_ste | no_gx | topk: set the DSMoE training forward; dense: train the init as is "
                         "(LM loss only). Default: the init model's own variant, or dense")
-    p.add_argument("--overwrite", action="store_true", help="discard checkpoints of a different config in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard checkpoints of a different config in --out, and replace an --out/model that is not a dsmoe model")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if --out holds checkpoints")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-4")
     p.set_defaults(func=cmd_train)
