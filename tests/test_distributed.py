@@ -6,6 +6,7 @@ data; FSDP2 `fully_shard` of a DSMoE model under torchrun. One tiny DSMoE model 
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -259,3 +260,27 @@ def test_distributed_fsdp_through_accelerate_on_the_cpu(runs, prepared, tmp_path
     result = subprocess.run(command, shell=True, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_same_run(out, runs[0])
+
+
+def test_distributed_workflow_dry_run_launches_fsdp_on_four_gpus(tmp_path):
+    from test_workflow import SMOKE, snakemake
+
+    result = snakemake("results/smoke/models/dsmoe/model", "--configfile", str(SMOKE), "-n", "-p",
+                       "--set-resources", "pretrain:gpu=4", workdir=tmp_path)
+    found = re.search(r"accelerate launch --config_file (\S+) --num_processes 4 --main_process_port 0 -m dsmoe.cli train ",
+                      result.stdout)
+    assert found, result.stdout[-3000:]
+    config = yaml.safe_load((tmp_path / found[1]).read_text())  # the path works from the working directory
+    assert config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_version"] == 2
+
+
+def test_distributed_workflow_pretrains_the_smoke_model_on_two_cpu_processes(tmp_path):
+    """The smoke DAG's pretraining of one model through the workflow's launch line, 2 CPU processes."""
+    from test_workflow import SMOKE, snakemake
+
+    result = snakemake("results/smoke/models/dsmoe/model", "--configfile", str(SMOKE), "--cores", "2",
+                       "--set-resources", "pretrain:cpu_processes=2", workdir=tmp_path)
+    assert "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2" in result.stdout + result.stderr
+    log = (tmp_path / "results" / "smoke" / "logs" / "pretrain" / "dsmoe.log").read_text()
+    assert "training on 2 process(es), MULTI_CPU" in log, log[-3000:]
+    assert (tmp_path / "results" / "smoke" / "models" / "dsmoe" / "model" / "model.safetensors").is_file()
