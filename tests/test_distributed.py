@@ -29,6 +29,7 @@ from dsmoe.hub import save_model
 from dsmoe.launch import FSDP_CONFIG, launch_prefix
 from dsmoe.train import train
 from dsmoe.train.trainer import ProcessBatches
+from test_workflow import SMOKE, smoke_run, snakemake  # noqa: F401  (smoke_run: the session's smoke run)
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN, BATCH, STEPS = 32, 8, 16
@@ -263,8 +264,6 @@ def test_distributed_fsdp_through_accelerate_on_the_cpu(runs, prepared, tmp_path
 
 
 def test_distributed_workflow_dry_run_launches_fsdp_on_four_gpus(tmp_path):
-    from test_workflow import SMOKE, snakemake
-
     result = snakemake("results/smoke/models/dsmoe/model", "--configfile", str(SMOKE), "-n", "-p",
                        "--set-resources", "pretrain:gpu=4", workdir=tmp_path)
     found = re.search(r"accelerate launch --config_file (\S+) --num_processes 4 --main_process_port 0 -m dsmoe.cli train ",
@@ -274,13 +273,19 @@ def test_distributed_workflow_dry_run_launches_fsdp_on_four_gpus(tmp_path):
     assert config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_version"] == 2
 
 
-def test_distributed_workflow_pretrains_the_smoke_model_on_two_cpu_processes(tmp_path):
-    """The smoke DAG's pretraining of one model through the workflow's launch line, 2 CPU processes."""
-    from test_workflow import SMOKE, snakemake
-
+@pytest.mark.slow
+def test_distributed_workflow_pretrains_the_smoke_model_on_two_cpu_processes(smoke_run, tmp_path):
+    """The smoke DAG's pretraining of one model again, through the workflow's launch line on 2 CPU
+    processes (`--set-resources pretrain:cpu_processes=2`), on a copy of the smoke run."""
+    workdir = tmp_path / "run"
+    shutil.copytree(smoke_run, workdir, symlinks=True)
+    run_dir = workdir / "results" / "smoke" / "models" / "dsmoe"
+    shutil.rmtree(run_dir)
     result = snakemake("results/smoke/models/dsmoe/model", "--configfile", str(SMOKE), "--cores", "2",
-                       "--set-resources", "pretrain:cpu_processes=2", workdir=tmp_path)
-    assert "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2" in result.stdout + result.stderr
-    log = (tmp_path / "results" / "smoke" / "logs" / "pretrain" / "dsmoe.log").read_text()
+                       "--set-resources", "pretrain:cpu_processes=2", workdir=workdir)
+    jobs = result.stdout + result.stderr
+    assert "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2" in jobs
+    assert "rule pretrain:" in jobs and "rule convert:" not in jobs and "rule data:" not in jobs
+    log = (workdir / "results" / "smoke" / "logs" / "pretrain" / "dsmoe.log").read_text()
     assert "training on 2 process(es), MULTI_CPU" in log, log[-3000:]
-    assert (tmp_path / "results" / "smoke" / "models" / "dsmoe" / "model" / "model.safetensors").is_file()
+    assert (run_dir / "model" / "model.safetensors").is_file()
