@@ -127,7 +127,7 @@ class DSMoEMLP(nn.Module):
 
     def forward(self, hidden_states):
         x = hidden_states.reshape(-1, self.hidden_size)
-        coef, active, probs = route(self.gate(x), self.variant, self.tau, self.top_k, self.training)
+        coef, active, probs = route(self.gate_logits(x), self.variant, self.tau, self.top_k, self.training)
         self.last_gate_probs, self.last_active = probs, active
         if self.routing_stats is not None:
             self.routing_stats.update(active)
@@ -140,6 +140,12 @@ class DSMoEMLP(nn.Module):
             out = sparse_expert_ffn(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, coef, active,
                                     self.act_fn, down_t=self._expert_down_weights())
         return out.view(hidden_states.shape)
+
+    def gate_logits(self, x):
+        """h·Y in fp32 at least, outside autocast: under bf16 mixed precision the routing stays fp32."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            return nn.functional.linear(x.to(dtype), self.gate.weight.to(dtype))
 
     def _expert_down_weights(self):
         """V_iᵀ contiguous per expert, built on first use and rebuilt when down_proj.weight is

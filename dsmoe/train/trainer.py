@@ -13,6 +13,7 @@ the resume decision in checkpoint.py, stopping a diverged run in divergence.py, 
 """
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from .divergence import DivergenceGuard
 from .log import TrainLog
 from .step import (accumulate_gradients, adapted_lambda, apply_variant, clip_gradients, optimizer_step, param_groups,
                    pruning_masks)
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_mixed_precision(name):
@@ -129,6 +132,9 @@ def setup(config, init, data_dir, out, variant, overwrite, resume):
     tensorboard = importlib.util.find_spec("tensorboard") is not None
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc["mixed_precision"]),
                               log_with="tensorboard" if tensorboard else None, project_dir=str(out))
+    if accelerator.is_main_process:
+        logger.info("training on %d process(es), %s, mixed precision %s", accelerator.num_processes,
+                    accelerator.distributed_type.value, accelerator.mixed_precision)
     manifest = read_manifest(data_dir, config["data"]["seq_len"])
     total_steps, accumulation = batch_plan(tc, manifest["seq_len"], accelerator.num_processes)
     set_seed(tc["seed"])

@@ -6,6 +6,7 @@ from pathlib import Path
 import yaml
 from snakemake.utils import min_version, validate
 
+from dsmoe.launch import FSDP_CONFIG, launch_prefix
 from dsmoe.names import DENSE, DENSE_CONTINUED, PRUNE_KINDS, RUN_DATA, SWEEP_GRIDS, TABLES, prune_method
 
 min_version("9.0")
@@ -98,11 +99,8 @@ def train_variant(wildcards):
 
 
 def train_launcher(wildcards, resources):
-    """One process per GPU through accelerate when the job holds several GPUs, else plain `dsmoe`."""
-    gpus = int(resources.get("gpu", 0) or 0)
-    if gpus > 1:
-        return f"accelerate launch --multi_gpu --num_processes {gpus} -m dsmoe.cli"
-    return "dsmoe"
+    """`dsmoe`, or `accelerate launch` over the job's GPUs (FSDP) or its `cpu_processes` (DDP): dsmoe/launch.py."""
+    return launch_prefix(resources.get("gpu", 0), resources.get("cpu_processes", 1), BASEDIR / FSDP_CONFIG)
 
 
 def sweep_taus(wildcards):
