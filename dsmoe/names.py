@@ -9,11 +9,12 @@ from .model import VARIANTS
 DENSE = "dense"  # the base model as it comes
 DENSE_CONTINUED = "dense_continued"  # the base model trained on the same data and budget
 DROP = "drop"  # the training-free partition-and-drop baseline
-PRUNE_KINDS = ("channel", "wanda")
+PRUNE_KINDS = ("sparsegpt", "ffn_channel", "wanda")  # `dsmoe baseline prune --kind`
+UNSTRUCTURED_PRUNE_KINDS = ("sparsegpt", "wanda")  # zeroed weights, kept at zero through training
 
 
 def prune_method(kind):
-    """The method name of a pruned baseline: prune_channel, prune_wanda."""
+    """The method name of a pruned baseline: prune_sparsegpt, prune_ffn_channel, prune_wanda."""
     return f"prune_{kind}"
 
 

@@ -269,12 +269,13 @@ def test_taylor_importance_matches_autograd():
     assert all(w.grad is None for w in weights)
 
 
-@pytest.mark.parametrize("kind", ["channel", "wanda"])
+@pytest.mark.parametrize("kind", ["ffn_channel", "wanda", "sparsegpt"])
 def test_match_activated_pct(kind):
     model = tiny_llama()
-    fraction = fraction_for_activated_pct(model, 80.0)
+    fraction = fraction_for_activated_pct(model, 80.0, kind)
     summary = prune(model, kind, fraction, tokens(2, 8))
-    step = 100 * 2 * 3 * 32 / summary["reference_total_params"]  # one unit (channel) or one weight per row
+    # one unit per layer (ffn_channel), one weight per row (wanda) or per matrix (sparsegpt)
+    step = 100 * 2 * 3 * 32 / summary["reference_total_params"]
     assert summary["activated_params_pct"] == pytest.approx(80.0, abs=step)
     with pytest.raises(ValueError, match="cannot reach"):
         fraction_for_activated_pct(tiny_llama(), 5.0)
@@ -310,7 +311,7 @@ def test_cli_prune_and_drop(tmp_path, smollm2_tokenizer):
     tiny_llama().float().save_pretrained(model_dir)
     smollm2_tokenizer.save_pretrained(model_dir)
     out = tmp_path / "pruned"
-    assert main(["baseline", "prune", "--model", str(model_dir), "--kind", "channel", "--fraction", "0.25",
+    assert main(["baseline", "prune", "--model", str(model_dir), "--kind", "ffn_channel", "--fraction", "0.25",
                  "--data", str(data), "--calibration-sequences", "2", "--out", str(out)]) == 0
     summary = json.loads((out / "pruning.json").read_text())
     assert summary["intermediate_size"] == 48

@@ -13,6 +13,7 @@ import torch
 
 from ..losses import load_balancing_loss, sparsity_loss
 from ..model import VARIANTS, dsmoe_layers
+from ..names import UNSTRUCTURED_PRUNE_KINDS
 
 SPARSITY_VARIANTS = ("dsmoe", "no_ste", "no_gx")  # trained with λ·sparsity loss; topk with load balancing
 
@@ -60,14 +61,14 @@ def param_groups(model, weight_decay, gate_lr=None):
 
 
 def pruning_masks(model, init):
-    """Masks that keep an unstructured-pruned (Wanda) init's zeros at zero through training.
+    """Masks that keep an unstructured-pruned (SparseGPT, Wanda) init's zeros at zero through training.
 
-    `dsmoe baseline prune --kind wanda` writes pruning.json beside the weights; the FFN weights that
-    are zero at init stay zero, so the trained model keeps its matched activated params."""
+    `dsmoe baseline prune --kind sparsegpt|wanda` writes pruning.json beside the weights; the decoder
+    linear weights that are zero at init stay zero, so the trained model keeps its matched activated params."""
     info = Path(init) / "pruning.json"
-    if not info.is_file() or json.loads(info.read_text()).get("kind") != "wanda":
+    if not info.is_file() or json.loads(info.read_text()).get("kind") not in UNSTRUCTURED_PRUNE_KINDS:
         return {}
-    suffixes = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+    suffixes = tuple(f"{name}.weight" for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     return {name: param != 0 for name, param in model.named_parameters() if name.endswith(suffixes)}
 
 
