@@ -5,7 +5,7 @@ import copy
 import torch
 
 from .gate_init import calibrated_gate_weights, capture_ffn_inputs
-from .model import (DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, check_n_experts, check_swiglu, check_tau, check_top_k,
+from .model import (TOPK_VARIANTS, DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, check_n_experts, check_swiglu, check_tau, check_top_k,
                     check_variant, decoder_layers, dsmoe_layers)
 
 DEFAULTS = DSMoEConfig()  # n_experts, tau, variant, num_experts_per_tok, gate_init_std when not given
@@ -25,7 +25,7 @@ def validate_conversion(model, n_experts, tau, variant, top_k=None):
     check_variant(variant)
     check_tau(tau)
     check_n_experts(n_experts)
-    if variant == "topk":
+    if variant in TOPK_VARIANTS:
         check_top_k(DEFAULTS.num_experts_per_tok if top_k is None else top_k, n_experts)
     if dsmoe_layers(model):
         raise ValueError(f"{type(model).__name__} is already a DSMoE model")
@@ -49,8 +49,8 @@ def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init
     validate_conversion(model, n_experts, tau, variant, top_k)
     ffn_inputs = None
     if calibration_ids is not None:
-        if variant == "topk":
-            raise ValueError("the calibrated gate init applies to sigmoid gates, not to the topk router")
+        if variant in TOPK_VARIANTS:
+            raise ValueError(f"the calibrated gate init applies to sigmoid gates, not to the {variant} router")
         ffn_inputs = capture_ffn_inputs(model, calibration_ids)
     config = DSMoEConfig(
         text_config=copy.deepcopy(model.config).to_dict(),
@@ -90,8 +90,8 @@ def register(subparsers):
     p.add_argument("--n-experts", type=int, default=n_experts,
                    help=f"experts per FFN; must divide the intermediate size (default {n_experts})")
     p.add_argument("--tau", type=float, default=tau, help=f"gate threshold τ in (0, 1) (default {tau})")
-    p.add_argument("--variant", default="dsmoe", help="dsmoe | no_ste | no_gx | topk: the training forward (default dsmoe)")
-    p.add_argument("--top-k", type=int, default=top_k, help=f"experts per token of the topk variant (default {top_k})")
+    p.add_argument("--variant", default="dsmoe", help="dsmoe | no_ste | no_gx | topk (LLaMA-MoE) | topk_switch (Switch style): the training forward (default dsmoe)")
+    p.add_argument("--top-k", type=int, default=top_k, help=f"experts per token of the top-k variants (default {top_k})")
     p.add_argument("--gate-init-std", type=float, default=gate_init_std,
                    help=f"std of the normal init of the gate (default {gate_init_std})")
     p.add_argument("--gate-init", choices=["normal", "calibrated"], default="normal",

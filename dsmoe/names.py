@@ -4,7 +4,7 @@ A *method* is what a results row is (the `variant` column of the CSVs): a DSMoE 
 (`dsmoe.model.VARIANTS`) or one of the dense rows below.
 """
 
-from .model import VARIANTS
+from .model import TOPK_VARIANTS, VARIANTS
 
 DENSE = "dense"  # the base model as it comes
 DENSE_CONTINUED = "dense_continued"  # the base model trained on the same data and budget

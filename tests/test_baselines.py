@@ -44,10 +44,10 @@ def swiglu_expert(x, w_gate, w_up, w_down, i, n):
     return (F.silu(x @ w_gate[rows].T) * (x @ w_up[rows].T)) @ w_down[:, rows].T
 
 
-# ---------------------------------------------------------------- top-k (LLaMA-MoE) ------------------
+# ---------------------------------------------------------------- top-k, Switch style (not the paper's) -
 
 def topk_model(n=8, k=3, seed=0):
-    model = dsmoe.convert(tiny_llama(seed), n_experts=n, variant="topk", top_k=k)
+    model = dsmoe.convert(tiny_llama(seed), n_experts=n, variant="topk_switch", top_k=k)
     with torch.no_grad():  # a wider gate than the default init so that routing is far from uniform
         for layer in dsmoe.dsmoe_layers(model):
             layer.gate.weight.normal_(0, 1.0)
@@ -109,10 +109,11 @@ def test_load_balancing_loss_is_switch_formula():
         torch.testing.assert_close(g.double(), w, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("variant", ["topk", "topk_switch"])
 @pytest.mark.parametrize("top_k", [0, 9])
-def test_topk_out_of_range_errors(top_k):
+def test_topk_out_of_range_errors(top_k, variant):
     with pytest.raises(ValueError, match="top_k"):
-        dsmoe.convert(tiny_llama(), n_experts=8, variant="topk", top_k=top_k)
+        dsmoe.convert(tiny_llama(), n_experts=8, variant=variant, top_k=top_k)
 
 
 # ---------------------------------------------------------------- training-free drop -----------------

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..losses import load_balancing_loss, sparsity_loss
-from ..model import VARIANTS, dsmoe_layers
+from ..losses import cv_balance_loss, load_balancing_loss, sparsity_loss
+from ..model import TOPK_VARIANTS, VARIANTS, dsmoe_layers
 from ..names import UNSTRUCTURED_PRUNE_KINDS
 
-SPARSITY_VARIANTS = ("dsmoe", "no_ste", "no_gx")  # trained with λ·sparsity loss; topk with load balancing
+SPARSITY_VARIANTS = ("dsmoe", "no_ste", "no_gx")  # trained with λ·sparsity loss; the top-k variants with load balancing
 
 
 class TrainingDiverged(ValueError):
@@ -36,8 +36,11 @@ def apply_variant(model, variant):
     if not layers:
         raise ValueError(f"variant {variant!r} needs a DSMoE model but the init model is dense: "
                          "convert it first (dsmoe convert) or train it with --variant dense")
-    if variant == "topk" and not 1 <= model.config.num_experts_per_tok <= model.config.n_experts:
-        raise ValueError(f"topk needs 1 <= num_experts_per_tok <= n_experts, got {model.config.num_experts_per_tok}")
+    if variant in TOPK_VARIANTS and not 1 <= model.config.num_experts_per_tok <= model.config.n_experts:
+        raise ValueError(f"{variant} needs 1 <= num_experts_per_tok <= n_experts, got {model.config.num_experts_per_tok}")
+    if (variant == "topk") != (model.config.variant == "topk"):
+        raise ValueError(f"cannot train a {model.config.variant} model as {variant}: the topk variant has its own "
+                         "gate (LLaMA-MoE's noisy MLP gate); convert with --variant topk instead")
     for layer in layers:
         layer.variant = variant
     model.config.variant = variant
@@ -50,7 +53,7 @@ def param_groups(model, weight_decay, gate_lr=None):
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if gate_lr is not None and name.endswith("mlp.gate.weight"):
+        if gate_lr is not None and ".mlp.gate." in name:
             gates.append(param)
         else:
             (decay if param.dim() >= 2 else no_decay).append(param)
@@ -77,6 +80,8 @@ def auxiliary_losses(model, variant):
     if variant == "dense":
         return None, None
     if variant == "topk":
+        return None, cv_balance_loss(model)
+    if variant == "topk_switch":
         return None, load_balancing_loss(model)
     return sparsity_loss(model), None
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 from snakemake.utils import min_version, validate
 
-from dsmoe.names import DENSE, DENSE_CONTINUED, PRUNE_KINDS, RUN_DATA, SWEEP_GRIDS, TABLES, prune_method
+from dsmoe.names import DENSE, DENSE_CONTINUED, PRUNE_KINDS, RUN_DATA, SWEEP_GRIDS, TABLES, TOPK_VARIANTS, prune_method
 
 min_version("9.0")
 
@@ -71,7 +71,7 @@ def eval_model_dir(wildcards):
 def convert_inputs(wildcards):
     """The base model, plus the tokenised data when the gates are calibrated (beyond the paper)."""
     inputs = {"model": f"{RESOURCES}/base"}
-    if config["dsmoe"]["gate_init"] == "calibrated" and wildcards.variant != "topk":
+    if config["dsmoe"]["gate_init"] == "calibrated" and wildcards.variant not in TOPK_VARIANTS:
         inputs["data"] = f"{RESOURCES}/data"
     return inputs
 
