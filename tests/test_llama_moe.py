@@ -131,3 +131,47 @@ def test_llama_moe_saves_and_reloads(tmp_path):
     torch.testing.assert_close(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
     a, b = dsmoe.dsmoe_layers(model)[0].gate, dsmoe.dsmoe_layers(reloaded)[0].gate
     assert torch.equal(a.weight_noise.weight, b.weight_noise.weight)
+
+
+# ---------------------------------------------------------------- neuron splits ----------------------
+
+def ffn(mlp, x):
+    return (F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+
+
+@pytest.mark.parametrize("partition", ["random", "coactivation"])
+def test_partition_permutes_units_and_keeps_the_dense_function(partition):
+    dense = tiny_llama()
+    ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(2))
+    model = dsmoe.convert(copy.deepcopy(dense), n_experts=4, variant="topk", top_k=4, partition=partition,
+                          partition_ids=ids)
+    assert model.config.partition == partition
+    x = torch.randn(20, 32, dtype=torch.float64)
+    for old, new in zip(dense.model.layers, model.model.layers):
+        rows_old = {tuple(r.tolist()) for r in old.mlp.gate_proj.weight}
+        order = [next(j for j in range(64) if torch.equal(old.mlp.gate_proj.weight[j], r)) for r in new.mlp.gate_proj.weight]
+        assert sorted(order) == list(range(64)) and order != list(range(64))  # a true permutation
+        assert len(rows_old) == 64
+        torch.testing.assert_close(new.mlp.up_proj.weight, old.mlp.up_proj.weight[order])
+        torch.testing.assert_close(ffn(new.mlp, x), ffn(old.mlp, x), rtol=1e-10, atol=1e-12)
+
+
+def test_coactivation_groups_units_that_fire_together():
+    from dsmoe.partition import balanced_kmeans
+
+    g = torch.Generator().manual_seed(0)
+    prototypes = torch.randn(4, 200, generator=g).sign()  # 4 firing patterns over 200 tokens
+    truth = torch.arange(64) % 4
+    flips = torch.rand(64, 200, generator=g) < 0.1  # each unit deviates from its pattern on 10% of tokens
+    patterns = torch.where(flips, -prototypes[truth], prototypes[truth])
+    labels = balanced_kmeans(patterns, 4)
+    assert torch.bincount(labels).tolist() == [16] * 4
+    for c in range(4):  # every cluster is one true group
+        assert len(set(truth[labels == c].tolist())) == 1
+
+
+def test_partition_errors():
+    with pytest.raises(ValueError, match="unknown partition"):
+        dsmoe.convert(tiny_llama(), n_experts=4, partition="metis")
+    with pytest.raises(ValueError, match="coactivation"):
+        dsmoe.convert(tiny_llama(), n_experts=4, partition="coactivation")
