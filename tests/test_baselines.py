@@ -274,7 +274,7 @@ def test_taylor_importance_matches_autograd():
 def test_match_activated_pct(kind):
     model = tiny_llama()
     fraction = fraction_for_activated_pct(model, 80.0, kind)
-    summary = prune(model, kind, fraction, tokens(2, 8))
+    _, summary = prune(model, kind, fraction, tokens(2, 8))
     # one unit per layer (ffn_channel), one weight per row (wanda) or per matrix (sparsegpt)
     step = 100 * 2 * 3 * 32 / summary["reference_total_params"]
     assert summary["activated_params_pct"] == pytest.approx(80.0, abs=step)

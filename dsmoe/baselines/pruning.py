@@ -2,6 +2,8 @@
 
 - `sparsegpt` (the paper's SparseGPT row): every decoder linear layer, unstructured, with OBS
   reconstruction layer by layer (`sparsegpt.py`).
+- `llm_pruner_channel` (the paper's LLM-Pruner-channel row): the hidden size d of the whole model,
+  by first-order Taylor importance (`llm_pruner.py`): a narrower model of the same class.
 - `ffn_channel` (not a paper row): remove the same number of intermediate units from every FFN,
   chosen per layer by first-order Taylor importance: for unit j, Σ |w·∂L/∂w| over row j of
   gate_proj and up_proj and column j of down_proj, with ∂L/∂w the gradient of the LM loss summed
@@ -21,6 +23,7 @@ from tqdm.auto import tqdm
 from ..model import check_swiglu, decoder_layers
 from ..names import PRUNE_KINDS as KINDS
 from ..names import UNSTRUCTURED_PRUNE_KINDS
+from .llm_pruner import hidden_params_per_channel, llm_pruner_channel
 from .sparsegpt import decoder_linear_param_count, layer_linears, sparsegpt
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -45,7 +48,10 @@ def ffn_param_count(model):
 
 
 def prunable_param_count(model, kind):
-    """The parameters that pruning `kind` removes a fraction of: every decoder linear (sparsegpt) or the FFNs."""
+    """The parameters that pruning `kind` removes a fraction of: every decoder linear (sparsegpt), every
+    parameter carried by a hidden channel (llm_pruner_channel) or the FFNs."""
+    if kind == "llm_pruner_channel":
+        return hidden_params_per_channel(model) * model.config.hidden_size
     return decoder_linear_param_count(model) if kind == "sparsegpt" else ffn_param_count(model)
 
 
@@ -182,12 +188,19 @@ def prune_wanda(model, fraction, input_norms):
 
 
 def prune(model, kind, fraction, calibration, batch_size=1):
-    """Prune a dense causal LM in place; returns a summary dict (written as pruning.json)."""
+    """Prune a dense causal LM; returns `(pruned_model, summary)`, the summary written as pruning.json.
+
+    The model is pruned in place, except for llm_pruner_channel, which builds a narrower one."""
     if kind not in KINDS:
         raise ValueError(f"unknown pruning kind {kind!r}; choose one of {', '.join(KINDS)}")
     fraction = check_fraction(fraction)
     reference_total = sum(p.numel() for p in model.parameters())
-    if kind == "sparsegpt":
+    if kind == "llm_pruner_channel":
+        hidden = model.config.hidden_size
+        model, removed = llm_pruner_channel(model, int(round(fraction * hidden)), calibration, batch_size)
+        detail = {"importance": "first-order taylor |w*dL/dw| summed over the hidden-channel group (param_first, sum)",
+                  "removed_hidden_channels": len(removed), "hidden_size": model.config.hidden_size}
+    elif kind == "sparsegpt":
         masks = sparsegpt(model, fraction, calibration, batch_size)
         zeros = sum(int(m.sum()) for m in masks.values())
         detail = {"importance": "sparsegpt OBS w^2/[H^-1]_jj^2, blocks of 128, 1% damping, sequential layers",
@@ -201,8 +214,8 @@ def prune(model, kind, fraction, calibration, batch_size=1):
         masks = prune_wanda(model, fraction, wanda_input_norms(model, calibration, batch_size))
         zeros = sum(int(m.sum()) for m in masks.values())
         detail = {"importance": "wanda |W|*||X|| per output row", "zeroed_ffn_fraction": zeros / sum(m.numel() for m in masks.values())}
-    return {"kind": kind, "fraction": fraction, "calibration_sequences": len(calibration),
-            "calibration_seq_len": calibration.shape[1], **detail, **pruned_activated_params(model, reference_total)}
+    return model, {"kind": kind, "fraction": fraction, "calibration_sequences": len(calibration),
+                   "calibration_seq_len": calibration.shape[1], **detail, **pruned_activated_params(model, reference_total)}
 
 
 __all__ = ["KINDS", "UNSTRUCTURED_PRUNE_KINDS", "check_fraction", "prunable_param_count", "fraction_for_activated_pct", "prune", "prune_channels",
