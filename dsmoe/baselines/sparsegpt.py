@@ -37,9 +37,11 @@ def hessian(inputs):
 def prune_weight(weight, H, sparsity, block_size=BLOCK_SIZE, damp=DAMP):
     """The SparseGPT reconstruction of `weight` (rows x cols) at `sparsity`, given its Hessian H.
 
-    Returns `(pruned_weight, mask)` in float64; `mask` is True where a weight was removed."""
-    W = weight.detach().double().clone()
-    H = H.double().clone()
+    Computes in the weight's dtype promoted to float32 at least (float32, as the reference code, for
+    float32 models). Returns `(pruned_weight, mask)`; `mask` is True where a weight was removed."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    W = weight.detach().to(dtype).clone()
+    H = H.to(dtype).clone()
     cols = W.shape[1]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -103,7 +105,8 @@ def _layer_hessians(layer, inputs):
 
     def hook(name):
         def accumulate(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            x = x.to(torch.promote_types(x.dtype, torch.float32))
             count, total = sums.get(name, (0, 0.0))
             sums[name] = (count + x.shape[0], total + 2.0 * x.T @ x)
         return accumulate

@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 from snakemake.utils import min_version, validate
 
-from dsmoe.names import DENSE, DENSE_CONTINUED, PRUNE_KINDS, RUN_DATA, SWEEP_GRIDS, TABLES, TOPK_VARIANTS, prune_method
+from dsmoe.names import DENSE, DENSE_CONTINUED, DROP, PRUNE_KINDS, RUN_DATA, SWEEP_GRIDS, TABLES, TOPK_VARIANTS, prune_method
 
 min_version("9.0")
 
