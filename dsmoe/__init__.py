@@ -4,7 +4,7 @@ from ._version import __version__
 from .accounting import RoutingRecorder, activated_params
 from .convert import convert
 from .hub import load_model
-from .losses import load_balancing_loss, sparsity_loss
+from .losses import cv_balance_loss, load_balancing_loss, sparsity_loss
 from .model import VARIANTS, DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, dsmoe_layers, set_tau
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "activated_params",
     "convert",
     "dsmoe_layers",
+    "cv_balance_loss",
     "load_balancing_loss",
     "load_model",
     "set_tau",

@@ -5,7 +5,8 @@ import copy
 import torch
 
 from .gate_init import calibrated_gate_weights, capture_ffn_inputs
-from .model import (DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, check_n_experts, check_swiglu, check_tau, check_top_k,
+from .partition import check_partition, partition_units
+from .model import (TOPK_VARIANTS, DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, check_n_experts, check_swiglu, check_tau, check_top_k,
                     check_variant, decoder_layers, dsmoe_layers)
 
 DEFAULTS = DSMoEConfig()  # n_experts, tau, variant, num_experts_per_tok, gate_init_std when not given
@@ -25,7 +26,7 @@ def validate_conversion(model, n_experts, tau, variant, top_k=None):
     check_variant(variant)
     check_tau(tau)
     check_n_experts(n_experts)
-    if variant == "topk":
+    if variant in TOPK_VARIANTS:
         check_top_k(DEFAULTS.num_experts_per_tok if top_k is None else top_k, n_experts)
     if dsmoe_layers(model):
         raise ValueError(f"{type(model).__name__} is already a DSMoE model")
@@ -33,13 +34,15 @@ def validate_conversion(model, n_experts, tau, variant, top_k=None):
 
 
 def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init_std=None,
-            calibration_ids=None, calibration_target=0.9):
+            calibration_ids=None, calibration_target=0.9, partition="contiguous", partition_ids=None):
     """Replace every decoder MLP of a LLaMA-style causal LM by a `DSMoEMLP`, in place.
 
     Returns a `DSMoEForCausalLM` that shares the given model's modules (no weight is copied).
     Settings left at None take `DSMoEConfig`'s defaults. Gates are initialised
     N(0, gate_init_std²) as in the paper, or, given `calibration_ids` (N x T token ids), by
     `dsmoe.gate_init` so that every expert starts open with σ ≈ `calibration_target` (beyond the paper).
+    `partition` groups the FFN units into experts (`dsmoe.partition`); `coactivation` reads
+    `partition_ids` (N x T token ids).
     """
     n_experts = DEFAULTS.n_experts if n_experts is None else n_experts
     tau = DEFAULTS.tau if tau is None else tau
@@ -47,10 +50,15 @@ def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init
     top_k = DEFAULTS.num_experts_per_tok if top_k is None else top_k
     gate_init_std = DEFAULTS.gate_init_std if gate_init_std is None else gate_init_std
     validate_conversion(model, n_experts, tau, variant, top_k)
+    check_partition(partition)
+    if partition == "coactivation" and partition_ids is None:
+        raise ValueError("the coactivation partition needs calibration token ids (partition_ids)")
+    partition_inputs = capture_ffn_inputs(model, partition_ids) if partition == "coactivation" else None
+    partition_units(model, n_experts, partition, partition_inputs)
     ffn_inputs = None
     if calibration_ids is not None:
-        if variant == "topk":
-            raise ValueError("the calibrated gate init applies to sigmoid gates, not to the topk router")
+        if variant in TOPK_VARIANTS:
+            raise ValueError(f"the calibrated gate init applies to sigmoid gates, not to the {variant} router")
         ffn_inputs = capture_ffn_inputs(model, calibration_ids)
     config = DSMoEConfig(
         text_config=copy.deepcopy(model.config).to_dict(),
@@ -61,6 +69,7 @@ def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init
         gate_init_std=gate_init_std,
         gate_init="normal" if calibration_ids is None else "calibrated",
         base_architecture=type(model).__name__,
+        partition=partition,
     )
     config._attn_implementation = model.config._attn_implementation
     with torch.device("meta"):
@@ -90,14 +99,18 @@ def register(subparsers):
     p.add_argument("--n-experts", type=int, default=n_experts,
                    help=f"experts per FFN; must divide the intermediate size (default {n_experts})")
     p.add_argument("--tau", type=float, default=tau, help=f"gate threshold τ in (0, 1) (default {tau})")
-    p.add_argument("--variant", default="dsmoe", help="dsmoe | no_ste | no_gx | topk: the training forward (default dsmoe)")
-    p.add_argument("--top-k", type=int, default=top_k, help=f"experts per token of the topk variant (default {top_k})")
+    p.add_argument("--variant", default="dsmoe", help="dsmoe | no_ste | no_gx | topk (LLaMA-MoE) | topk_switch (Switch style): the training forward (default dsmoe)")
+    p.add_argument("--top-k", type=int, default=top_k, help=f"experts per token of the top-k variants (default {top_k})")
     p.add_argument("--gate-init-std", type=float, default=gate_init_std,
                    help=f"std of the normal init of the gate (default {gate_init_std})")
     p.add_argument("--gate-init", choices=["normal", "calibrated"], default="normal",
                    help="normal: N(0, std²) as in the paper; calibrated (beyond the paper): every expert starts open, "
                         "fitted on --calibration-data (see dsmoe/gate_init.py)")
-    p.add_argument("--calibration-data", help="prepared data directory (dsmoe data prepare) for --gate-init calibrated")
+    p.add_argument("--partition", default="contiguous",
+                   help="how FFN units are grouped into experts: contiguous (Eq. 6, default), random or coactivation "
+                        "(LLaMA-MoE's neuron splits; coactivation reads --calibration-data)")
+    p.add_argument("--calibration-data",
+                   help="prepared data directory (dsmoe data prepare) for --gate-init calibrated or --partition coactivation")
     p.add_argument("--calibration-sequences", type=int, default=schema_default("dsmoe.calibration_sequences"),
                    help="training sequences used to calibrate (default %(default)s)")
     p.add_argument("--calibration-target", type=float, default=schema_default("dsmoe.calibration_target"),
@@ -113,14 +126,16 @@ def cmd_convert(args):
     from .hub import load_model, save_model
 
     check_out(args.out, "model", args.overwrite)
+    check_partition(args.partition)
     ids = None
-    if args.gate_init == "calibrated":
+    if args.gate_init == "calibrated" or args.partition == "coactivation":
         if not args.calibration_data:
-            raise ValueError("--gate-init calibrated needs --calibration-data DATA")
+            raise ValueError("--gate-init calibrated and --partition coactivation need --calibration-data DATA")
         ids = calibration_windows(args.calibration_data, args.calibration_sequences)
     model, tokenizer = load_model(args.model)
     validate_conversion(model, args.n_experts, args.tau, args.variant, args.top_k)
     model = convert(model, args.n_experts, args.tau, args.variant, args.top_k, args.gate_init_std,
-                    calibration_ids=ids, calibration_target=args.calibration_target)
+                    calibration_ids=ids if args.gate_init == "calibrated" else None,
+                    calibration_target=args.calibration_target, partition=args.partition, partition_ids=ids)
     save_model(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"wrote {args.variant} model with {args.n_experts} experts per FFN, tau={args.tau}, to {args.out}")

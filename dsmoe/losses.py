@@ -3,6 +3,7 @@
 import torch
 
 from .model import dsmoe_layers
+from .model import NoisyTopKGate, cv_squared
 
 
 def _layers_with_forward(module, what):
@@ -25,8 +26,18 @@ def sparsity_loss(module):
     return torch.stack(terms).mean()
 
 
+def cv_balance_loss(module):
+    """LLaMA-MoE's balance loss, summed over layers as its model sums it: Σ_l CV²(importance_l) + CV²(load_l).
+
+    Unweighted: LLaMA-MoE's weight 1e-2 is `train.load_balancing_coef` (default 0.01)."""
+    layers = _layers_with_forward(module, "cv_balance_loss")
+    if not all(isinstance(layer.gate, NoisyTopKGate) for layer in layers):
+        raise ValueError("cv_balance_loss: needs the LLaMA-MoE gate of the topk variant on every DSMoE layer")
+    return torch.stack([cv_squared(l.gate.last_importance) + cv_squared(l.gate.last_load) for l in layers]).sum()
+
+
 def load_balancing_loss(module):
-    """Switch-Transformer load-balancing loss for top-k routers, averaged over layers:
+    """Switch-Transformer load-balancing loss of the topk_switch router, averaged over layers:
     n · Σ_i f_i · P_i, with f_i the fraction of routed slots sent to expert i and P_i the
     mean router probability of expert i (Fedus et al., 2022, Eq. 4)."""
     layers = _layers_with_forward(module, "load_balancing_loss")

@@ -4,16 +4,17 @@ A *method* is what a results row is (the `variant` column of the CSVs): a DSMoE 
 (`dsmoe.model.VARIANTS`) or one of the dense rows below.
 """
 
-from .model import VARIANTS
+from .model import TOPK_VARIANTS, VARIANTS
 
 DENSE = "dense"  # the base model as it comes
 DENSE_CONTINUED = "dense_continued"  # the base model trained on the same data and budget
-DROP = "drop"  # the training-free partition-and-drop baseline
-PRUNE_KINDS = ("channel", "wanda")
+DROP = "drop_oracle"  # training-free partition and drop: an oracle on the dense FFN (it computes every expert)
+PRUNE_KINDS = ("sparsegpt", "llm_pruner_channel", "ffn_channel", "wanda")  # `dsmoe baseline prune --kind`
+UNSTRUCTURED_PRUNE_KINDS = ("sparsegpt", "wanda")  # zeroed weights, kept at zero through training
 
 
 def prune_method(kind):
-    """The method name of a pruned baseline: prune_channel, prune_wanda."""
+    """The method name of a pruned baseline: prune_sparsegpt, prune_ffn_channel, prune_wanda."""
     return f"prune_{kind}"
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_file, write_csv
-from ..model import check_tau, dsmoe_layers
+from ..model import TOPK_VARIANTS, check_tau, dsmoe_layers
 from ..names import DENSE, DENSE_METHODS
 from .stamps import fingerprint, up_to_date, write_stamp
 
@@ -28,7 +28,7 @@ def model_method(model, label=None):
 def model_tau(model):
     """The threshold τ of a DSMoE model; NaN for a dense model and for topk (τ plays no part)."""
     layers = dsmoe_layers(model)
-    return float(layers[0].tau) if layers and layers[0].variant != "topk" else math.nan
+    return float(layers[0].tau) if layers and layers[0].variant not in TOPK_VARIANTS else math.nan
 
 
 def model_label(model_path):

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..accounting import RoutingRecorder, RoutingStats, activated_params
 from ..config import schema_default
-from ..model import check_tau, dsmoe_layers, set_tau
+from ..model import TOPK_VARIANTS, check_tau, dsmoe_layers, set_tau
 
 TABLE4_TAUS = tuple(schema_default("eval.tau_sweep"))  # the grid of Table 4
 
@@ -84,7 +84,7 @@ def sweep_tau(model, validation, taus=TABLE4_TAUS, batch_size=8, max_sequences=N
     """
     if not dsmoe_layers(model):
         raise ValueError(f"{type(model).__name__} is a dense model: a τ-sweep needs a DSMoE model")
-    if model.config.variant == "topk":
+    if model.config.variant in TOPK_VARIANTS:
         raise ValueError("τ has no effect on the topk variant (fixed top-k routing): nothing to sweep")
     for tau in taus:
         check_tau(tau)

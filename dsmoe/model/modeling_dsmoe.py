@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 # dsmoe supports; pass and return the KV cache under the name the installed version uses.
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-from .configuration_dsmoe import DSMoEConfig, check_tau
+from .configuration_dsmoe import TOPK_VARIANTS, DSMoEConfig, check_tau
 from .sparse_ffn import expert_down_weights, sparse_expert_ffn
 
 
@@ -38,7 +38,7 @@ def route(logits, variant, tau, top_k, training):
     """
     n = logits.shape[-1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # route in fp32 at least
-    if variant == "topk":
+    if variant == "topk_switch":
         probs = torch.softmax(logits, dim=-1)
         top_idx = probs.topk(top_k, dim=-1).indices
         active = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top_idx, True)
@@ -55,6 +55,67 @@ def route(logits, variant, tau, top_k, training):
         gated_ste = gated.detach() + probs - probs.detach()  # S(x) = sg(G(x)) + x - sg(x), Eq. 10
         return gated_ste * scale, active, probs
     return gated * scale, active, probs  # "no_ste" training (Eq. 7) and every variant at inference
+
+
+class NoisyTopKGate(nn.Module):
+    """LLaMA-MoE's gate (`TopKBalancedNoisyGate` of pjlab-sys4nlp/llama-moe, its defaults).
+
+    logits = MLP(h) = tanh(h W₁) W₂ (n x n second layer), plus in training the learned noise
+    N(0, 1) · (softplus(h W_noise) + 1e-2), W_noise zero-initialised; the top-k logits get a
+    softmax (weights of a token sum to 1), which the experts' outputs are multiplied by, times the
+    score scale n/k (LLaMA-MoE's `score_scale_factor`). No noise in eval. The balance loss is
+    CV²(importance) + CV²(load), with importance the summed top-k softmax weights per expert and
+    load, in training, the smooth count of Shazeer et al. (2017): P(expert stays in the top-k
+    under fresh noise). As in LLaMA-MoE's code, the in/out threshold is chosen by comparing the
+    noise itself (not the noisy logit) with the (k+1)-th noisy logit; in eval (or k = n), load
+    counts the tokens routed to each expert.
+    """
+
+    noise_epsilon = 1e-2
+
+    def __init__(self, hidden_size, n_experts, top_k):
+        super().__init__()
+        self.n_experts, self.top_k = n_experts, top_k
+        self.gate_network = nn.Sequential(nn.Linear(hidden_size, n_experts, bias=False), nn.Tanh(),
+                                          nn.Linear(n_experts, n_experts, bias=False))
+        self.weight_noise = nn.Linear(hidden_size, n_experts, bias=False)
+        self.reset_parameters()
+        self.last_importance = self.last_load = None
+
+    def reset_parameters(self):
+        for linear in (self.gate_network[0], self.gate_network[2]):
+            linear.reset_parameters()  # LLaMA-MoE keeps nn.Linear's default init for the MLP gate
+        nn.init.zeros_(self.weight_noise.weight)
+
+    def forward(self, x):
+        """`(coef, active, weights)` as `route` returns them; weights: the top-k softmax (T x n)."""
+        clean = self.gate_network(x).float()
+        logits, noise, control = clean, None, None
+        if self.training:
+            control = nn.functional.softplus(self.weight_noise(x).float()) + self.noise_epsilon
+            noise = torch.randn_like(clean) * control
+            logits = clean + noise
+        k, n = self.top_k, self.n_experts
+        top_logits, top_idx = logits.topk(min(k + 1, n), dim=-1)
+        weights = torch.zeros_like(logits).scatter(-1, top_idx[:, :k], torch.softmax(top_logits[:, :k], dim=-1))
+        active = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top_idx[:, :k], True)
+        self.last_importance = weights.sum(0)
+        if noise is not None and k < n:
+            normal = torch.distributions.Normal(0.0, 1.0)
+            threshold_in, threshold_out = top_logits[:, k:k + 1], top_logits[:, k - 1:k]
+            prob_in = normal.cdf((clean - threshold_in) / control)
+            prob_out = normal.cdf((clean - threshold_out) / control)
+            self.last_load = torch.where(noise > threshold_in, prob_in, prob_out).sum(0)
+        else:
+            self.last_load = active.float().sum(0)
+        return weights * (n / k), active, weights
+
+
+def cv_squared(x, eps=1e-10):
+    """Squared coefficient of variation var(x) / (mean(x)² + eps), unbiased var, 0 for one element."""
+    if x.shape[0] == 1:
+        return x.new_zeros(())
+    return x.float().var() / (x.float().mean() ** 2 + eps)
 
 
 def check_swiglu(mlp, name="mlp"):
@@ -96,8 +157,11 @@ class DSMoEMLP(nn.Module):
         self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
         self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=False)
         self.act_fn = ACT2FN[text_config.hidden_act]
-        self.gate = nn.Linear(self.hidden_size, self.n_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=config.gate_init_std)
+        if self.variant == "topk":
+            self.gate = NoisyTopKGate(self.hidden_size, self.n_experts, self.top_k)
+        else:
+            self.gate = nn.Linear(self.hidden_size, self.n_experts, bias=False)
+            nn.init.normal_(self.gate.weight, std=config.gate_init_std)
         self.last_gate_probs = None  # σ(h·Y) (softmax for top-k), T x n, from the latest forward
         self.last_active = None  # bool T x n, from the latest forward
         self.routing_stats = None  # set by dsmoe.RoutingRecorder
@@ -121,13 +185,20 @@ class DSMoEMLP(nn.Module):
         layer.gate_proj, layer.up_proj, layer.down_proj, layer.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
         weight = mlp.gate_proj.weight
         layer.gate = layer.gate.to_empty(device=weight.device).to(weight.dtype)
-        layer.gate.reset_parameters()  # draws from the RNG as nn.Linear() does: same seed, same gates as before
-        nn.init.normal_(layer.gate.weight, std=config.gate_init_std)
+        layer.init_gate(config.gate_init_std)
         return layer
+
+    def init_gate(self, std):
+        self.gate.reset_parameters()  # draws from the RNG as nn.Linear() does: same seed, same gates as before
+        if not isinstance(self.gate, NoisyTopKGate):
+            nn.init.normal_(self.gate.weight, std=std)
 
     def forward(self, hidden_states):
         x = hidden_states.reshape(-1, self.hidden_size)
-        coef, active, probs = route(self.gate_logits(x), self.variant, self.tau, self.top_k, self.training)
+        if isinstance(self.gate, NoisyTopKGate):
+            coef, active, probs = self.gate(x)
+        else:
+            coef, active, probs = route(self.gate_logits(x), self.variant, self.tau, self.top_k, self.training)
         self.last_gate_probs, self.last_active = probs, active
         if self.routing_stats is not None:
             self.routing_stats.update(active)
@@ -181,7 +252,7 @@ class DSMoEPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         if isinstance(module, DSMoEMLP):
-            nn.init.normal_(module.gate.weight, std=self.config.gate_init_std)
+            module.init_gate(self.config.gate_init_std)
         else:
             super()._init_weights(module)
 
@@ -265,4 +336,4 @@ def set_tau(model, tau):
         model.config.tau = tau
     return model
 
-__all__ = ["check_swiglu", "decoder_layers", "dsmoe_layers", "DSMoEMLP", "DSMoEPreTrainedModel", "DSMoEForCausalLM", "route", "set_tau"]
+__all__ = ["check_swiglu", "cv_squared", "decoder_layers", "dsmoe_layers", "DSMoEMLP", "NoisyTopKGate", "DSMoEPreTrainedModel", "DSMoEForCausalLM", "route", "set_tau"]

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..losses import load_balancing_loss, sparsity_loss
-from ..model import VARIANTS, dsmoe_layers
+from ..losses import cv_balance_loss, load_balancing_loss, sparsity_loss
+from ..model import TOPK_VARIANTS, VARIANTS, dsmoe_layers
+from ..names import UNSTRUCTURED_PRUNE_KINDS
 
-SPARSITY_VARIANTS = ("dsmoe", "no_ste", "no_gx")  # trained with λ·sparsity loss; topk with load balancing
+SPARSITY_VARIANTS = ("dsmoe", "no_ste", "no_gx")  # trained with λ·sparsity loss; the top-k variants with load balancing
 
 
 class TrainingDiverged(ValueError):
@@ -36,8 +37,11 @@ def apply_variant(model, variant):
     if not layers:
         raise ValueError(f"variant {variant!r} needs a DSMoE model but the init model is dense: "
                          "convert it first (dsmoe convert) or train it with --variant dense")
-    if variant == "topk" and not 1 <= model.config.num_experts_per_tok <= model.config.n_experts:
-        raise ValueError(f"topk needs 1 <= num_experts_per_tok <= n_experts, got {model.config.num_experts_per_tok}")
+    if variant in TOPK_VARIANTS and not 1 <= model.config.num_experts_per_tok <= model.config.n_experts:
+        raise ValueError(f"{variant} needs 1 <= num_experts_per_tok <= n_experts, got {model.config.num_experts_per_tok}")
+    if (variant == "topk") != (model.config.variant == "topk"):
+        raise ValueError(f"cannot train a {model.config.variant} model as {variant}: the topk variant has its own "
+                         "gate (LLaMA-MoE's noisy MLP gate); convert with --variant topk instead")
     for layer in layers:
         layer.variant = variant
     model.config.variant = variant
@@ -50,7 +54,7 @@ def param_groups(model, weight_decay, gate_lr=None):
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if gate_lr is not None and name.endswith("mlp.gate.weight"):
+        if gate_lr is not None and ".mlp.gate." in name:
             gates.append(param)
         else:
             (decay if param.dim() >= 2 else no_decay).append(param)
@@ -61,14 +65,14 @@ def param_groups(model, weight_decay, gate_lr=None):
 
 
 def pruning_masks(model, init):
-    """Masks that keep an unstructured-pruned (Wanda) init's zeros at zero through training.
+    """Masks that keep an unstructured-pruned (SparseGPT, Wanda) init's zeros at zero through training.
 
-    `dsmoe baseline prune --kind wanda` writes pruning.json beside the weights; the FFN weights that
-    are zero at init stay zero, so the trained model keeps its matched activated params."""
+    `dsmoe baseline prune --kind sparsegpt|wanda` writes pruning.json beside the weights; the decoder
+    linear weights that are zero at init stay zero, so the trained model keeps its matched activated params."""
     info = Path(init) / "pruning.json"
-    if not info.is_file() or json.loads(info.read_text()).get("kind") != "wanda":
+    if not info.is_file() or json.loads(info.read_text()).get("kind") not in UNSTRUCTURED_PRUNE_KINDS:
         return {}
-    suffixes = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+    suffixes = tuple(f"{name}.weight" for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     return {name: param != 0 for name, param in model.named_parameters() if name.endswith(suffixes)}
 
 
@@ -77,6 +81,8 @@ def auxiliary_losses(model, variant):
     if variant == "dense":
         return None, None
     if variant == "topk":
+        return None, cv_balance_loss(model)
+    if variant == "topk_switch":
         return None, load_balancing_loss(model)
     return sparsity_loss(model), None
 

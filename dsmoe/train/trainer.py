@@ -5,7 +5,7 @@ many GPUs with FSDP under `accelerate launch` / `torchrun`. `batch_size` is the 
 sequences; each process takes its slice of it and accumulates gradients over micro-batches.
 
 Auxiliary loss by variant: the sparsity loss (Eq. 19) weighted by λ for dsmoe, no_ste and no_gx;
-the Switch load-balancing loss for topk; none for dense (the "dense continued" control).
+LLaMA-MoE's CV² balance loss for topk, the Switch load-balancing loss for topk_switch; none for dense (the "dense continued" control).
 Beyond the paper, off by default: an adaptive λ (ReMoE style) and a separate gate learning rate.
 
 This file: setup, the loop, the final save and the CLI; one step is in step.py, checkpoints and
@@ -239,7 +239,7 @@ def register(subparsers):
     p.add_argument("--data", required=True, help="data directory written by `dsmoe data prepare`")
     p.add_argument("--out", required=True, help="run directory: model/, train_log.csv, checkpoints/")
     p.add_argument("--variant", default=None,
-                   help="dsmoe | no_ste | no_gx | topk: set the DSMoE training forward; dense: train the init as is "
+                   help="dsmoe | no_ste | no_gx | topk | topk_switch: set the DSMoE training forward; dense: train the init as is "
                         "(LM loss only). Default: the init model's own variant, or dense")
     p.add_argument("--overwrite", action="store_true",
                    help="discard checkpoints of a different config in --out, and replace an --out/model that is not a dsmoe model")

@@ -7,7 +7,7 @@ import yaml
 from snakemake.utils import min_version, validate
 
 from dsmoe.launch import FSDP_CONFIG, launch_prefix
-from dsmoe.names import DENSE, DENSE_CONTINUED, PRUNE_KINDS, RUN_DATA, SWEEP_GRIDS, TABLES, prune_method
+from dsmoe.names import DENSE, DENSE_CONTINUED, DROP, PRUNE_KINDS, RUN_DATA, SWEEP_GRIDS, TABLES, TOPK_VARIANTS, prune_method
 
 min_version("9.0")
 
@@ -69,21 +69,33 @@ def eval_model_dir(wildcards):
     return model_dir(wildcards.model)
 
 
+def calibrated_gates(variant):
+    return config["dsmoe"]["gate_init"] == "calibrated" and variant not in TOPK_VARIANTS
+
+
+def partition(variant):
+    """Expert split of a variant: LLaMA-MoE's own for the top-k variants, contiguous (Eq. 6) for DSMoE."""
+    return config["dsmoe"]["topk_partition"] if variant in TOPK_VARIANTS else "contiguous"
+
+
 def convert_inputs(wildcards):
-    """The base model, plus the tokenised data when the gates are calibrated (beyond the paper)."""
+    """The base model, plus the tokenised data when the gates are calibrated (beyond the paper) or
+    the experts are split by co-activation."""
     inputs = {"model": f"{RESOURCES}/base"}
-    if config["dsmoe"]["gate_init"] == "calibrated" and wildcards.variant != "topk":
+    if calibrated_gates(wildcards.variant) or partition(wildcards.variant) == "coactivation":
         inputs["data"] = f"{RESOURCES}/data"
     return inputs
 
 
 def gate_init_flags(wildcards, input):
+    flags = f"--partition {partition(wildcards.variant)}"
     if "data" not in input.keys():
-        return ""
+        return flags
     settings = config["dsmoe"]
-    return (f"--gate-init calibrated --calibration-data {input.data}"
-            f" --calibration-sequences {settings['calibration_sequences']}"
-            f" --calibration-target {settings['calibration_target']}")
+    flags += f" --calibration-data {input.data} --calibration-sequences {settings['calibration_sequences']}"
+    if calibrated_gates(wildcards.variant):
+        flags += f" --gate-init calibrated --calibration-target {settings['calibration_target']}"
+    return flags
 
 
 def train_init(wildcards):

@@ -9,7 +9,7 @@ rule convert:
         tau=config["dsmoe"]["tau"],
         top_k=config["dsmoe"]["top_k"],
         gate_init_std=config["dsmoe"]["gate_init_std"],
-        gate_init=gate_init_flags,
+        gate_init=gate_init_flags,  # and --partition
     log:
         f"{LOGS}/convert/{{variant}}.log",
     conda:
