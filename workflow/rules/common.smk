@@ -37,7 +37,7 @@ PRUNED = [prune_method(kind) for kind in config["baselines"]["prune"]]  # pruned
 TRAINED = CONVERTED + ([DENSE_CONTINUED] if config["dense_continued"] else []) + PRUNED
 EVALUATED = [DENSE] + TRAINED  # DENSE is the base model as it comes
 SWEPT = [variant for variant in SWEEP_GRIDS if variant in CONVERTED]  # each on its own τ grid
-RUN_CONFIG = f"{RESULTS}/config.yaml"  # written by rule run_config, read by the `dsmoe` commands
+RUN_CONFIG = f"{RESULTS}/config.yaml"  # written when a run starts, read by the `dsmoe` commands
 
 
 def one_of(names):
@@ -52,10 +52,22 @@ wildcard_constraints:
     kind=one_of(PRUNE_KINDS),
 
 
-def write_run_config(path, log):
-    """The validated config with all defaults, as the `dsmoe` commands read it (rule run_config)."""
-    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
-    Path(log).write_text(f"wrote {path}\n")
+def write_run_config():
+    """The validated config with all defaults, as the `dsmoe` commands read it.
+
+    Written when a run starts (onstart, in the Snakefile; not when the Snakefile is parsed, nor
+    for -n or --lint), and only when its content changes. It is no rule's input: each rule lists
+    the config sections it reads as params, so that a change reruns only the rules that read it.
+    Written by a rule, it would rerun on every change and, even as an ancient() input, hide the
+    params changes of all the jobs downstream (snakemake/snakemake#4166).
+    """
+    path = Path(RUN_CONFIG)
+    text = yaml.safe_dump(config, sort_keys=False)
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".config.yaml.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def model_dir(label):

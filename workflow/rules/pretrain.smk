@@ -6,12 +6,12 @@ rule pretrain:
     changed train config (a params change, so a rerun) discard checkpoints of the old one.
     """
     input:
-        config=ancient(RUN_CONFIG),
         init=train_init,
         data=rules.data.output.data,
     output:
         model=directory(f"{RESULTS}/models/{{trained}}/model"),
     params:
+        config=RUN_CONFIG,
         train=config["train"],
         variant=train_variant,
         launch=train_launcher,
@@ -21,5 +21,5 @@ rule pretrain:
     conda:
         ENV
     shell:
-        "{params.launch} train --config {input.config} --init {input.init} --data {input.data}"
+        "{params.launch} train --config {params.config} --init {input.init} --data {input.data}"
         " --variant {params.variant} --overwrite --out {params.run_dir} > {log} 2>&1"
