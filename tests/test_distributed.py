@@ -29,7 +29,7 @@ from dsmoe.hub import save_model
 from dsmoe.launch import FSDP_CONFIG, launch_prefix
 from dsmoe.train import train
 from dsmoe.train.trainer import ProcessBatches
-from test_workflow import SMOKE, smoke_run, snakemake  # noqa: F401  (smoke_run: the session's smoke run)
+from conftest import SMOKE, snakemake
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN, BATCH, STEPS = 32, 8, 16

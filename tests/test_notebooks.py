@@ -36,7 +36,7 @@ def test_notebook_is_paired_and_stripped(name):
 
 @pytest.fixture(scope="module")
 def smoke_results():
-    from test_workflow import smoke_workdir
+    from conftest import smoke_workdir
 
     return Path(smoke_workdir()) / "results" / "smoke"
 
