@@ -54,9 +54,10 @@ def assert_complete(workdir, configfile, run_name="smoke"):
         else:
             assert path.stat().st_size > 0, f"{path} is empty"
     results = Path(workdir) / "results" / run_name
-    for name in ("table1", "table2", "table3", "table4", "claims"):
+    for name in ("table1", "table2", "table3", "table4", "table5_6", "claims"):
         assert (results / "tables" / f"{name}.md").stat().st_size > 0
-    for name in ("heatmap_dsmoe", "layer_profile", "tau_curves", "no_gx_curve", "explorer"):
+    for name in ("heatmap_dsmoe", "heatmap_tasks_dsmoe", "layer_profile", "tau_curves", "no_gx_curve", "token_curve",
+                 "explorer"):
         assert (results / "figures" / f"{name}.png").stat().st_size > 0
         assert (results / "figures" / f"{name}.pdf").stat().st_size > 0
 
@@ -84,7 +85,7 @@ def smoke_run():
 def test_dry_run(configfile, tmp_path):
     result = snakemake("--configfile", str(configfile), "-n", "--quiet", "rules", workdir=tmp_path)
     for rule in ("run_config", "base_model", "data", "convert", "pretrain", "eval_ppl", "lm_eval", "tau_sweep",
-                 "prune", "drop_sweep", "collect", "notebook_tables", "notebook_explorer"):
+                 "eval_milestones", "prune", "drop_sweep", "collect", "notebook_tables", "notebook_explorer"):
         assert rule in result.stdout, f"{configfile.name}: rule {rule} not planned"
 
 
