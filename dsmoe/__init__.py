@@ -5,7 +5,7 @@ from .accounting import RoutingRecorder, activated_params
 from .convert import convert
 from .hub import load_model
 from .losses import cv_balance_loss, load_balancing_loss, sparsity_loss
-from .model import VARIANTS, DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, dsmoe_layers, set_tau
+from .model import VARIANTS, DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, dsmoe_layers, set_no_gx_inference_rescale, set_tau
 
 __all__ = [
     "VARIANTS",
@@ -20,6 +20,7 @@ __all__ = [
     "cv_balance_loss",
     "load_balancing_loss",
     "load_model",
+    "set_no_gx_inference_rescale",
     "set_tau",
     "sparsity_loss",
 ]

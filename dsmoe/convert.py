@@ -1,5 +1,6 @@
 """Dense -> DSMoE: convert a LLaMA-style causal LM in place (paper §4.1), and `dsmoe convert`."""
 
+import argparse
 import copy
 
 import torch
@@ -7,7 +8,7 @@ import torch
 from .gate_init import calibrated_gate_weights, capture_ffn_inputs
 from .partition import check_partition, partition_units
 from .model import (TOPK_VARIANTS, DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, check_n_experts, check_swiglu, check_tau, check_top_k,
-                    check_variant, decoder_layers, dsmoe_layers)
+                    check_variant, decoder_layers, dsmoe_layers, set_no_gx_inference_rescale)
 
 DEFAULTS = DSMoEConfig()  # n_experts, tau, variant, num_experts_per_tok, gate_init_std when not given
 
@@ -34,7 +35,8 @@ def validate_conversion(model, n_experts, tau, variant, top_k=None):
 
 
 def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init_std=None,
-            calibration_ids=None, calibration_target=0.9, partition="contiguous", partition_ids=None):
+            calibration_ids=None, calibration_target=0.9, partition="contiguous", partition_ids=None,
+            no_gx_inference_rescale=True):
     """Replace every decoder MLP of a LLaMA-style causal LM by a `DSMoEMLP`, in place.
 
     Returns a `DSMoEForCausalLM` that shares the given model's modules (no weight is copied).
@@ -43,6 +45,7 @@ def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init
     `dsmoe.gate_init` so that every expert starts open with σ ≈ `calibration_target` (beyond the paper).
     `partition` groups the FFN units into experts (`dsmoe.partition`); `coactivation` reads
     `partition_ids` (N x T token ids).
+    `no_gx_inference_rescale`: see `DSMoEConfig` (it matters for the no_gx variant only).
     """
     n_experts = DEFAULTS.n_experts if n_experts is None else n_experts
     tau = DEFAULTS.tau if tau is None else tau
@@ -82,6 +85,7 @@ def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init
     converted.model = model.model
     converted.lm_head = model.lm_head
     converted.generation_config = model.generation_config
+    set_no_gx_inference_rescale(converted, bool(no_gx_inference_rescale))
     converted.train(model.training)
     return converted
 
@@ -115,9 +119,20 @@ def register(subparsers):
                    help="training sequences used to calibrate (default %(default)s)")
     p.add_argument("--calibration-target", type=float, default=schema_default("dsmoe.calibration_target"),
                    help="gate value σ of a median token after calibration (default %(default)s)")
+    p.add_argument("--no-gx-inference-rescale", type=parse_bool, default=schema_default("dsmoe.no_gx_inference_rescale"),
+                   metavar="{true,false}", help="no_gx variant: apply Eq. 8's n/k at inference (default %(default)s)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a dsmoe model")
     p.set_defaults(func=cmd_convert)
+
+
+def parse_bool(text):
+    """`true`/`false` (also on/off, yes/no, 1/0) as a command-line value."""
+    value = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}.get(
+        str(text).lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
 
 
 def cmd_convert(args):
@@ -136,6 +151,7 @@ def cmd_convert(args):
     validate_conversion(model, args.n_experts, args.tau, args.variant, args.top_k)
     model = convert(model, args.n_experts, args.tau, args.variant, args.top_k, args.gate_init_std,
                     calibration_ids=ids if args.gate_init == "calibrated" else None,
-                    calibration_target=args.calibration_target, partition=args.partition, partition_ids=ids)
+                    calibration_target=args.calibration_target, partition=args.partition, partition_ids=ids,
+                    no_gx_inference_rescale=args.no_gx_inference_rescale)
     save_model(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"wrote {args.variant} model with {args.n_experts} experts per FFN, tau={args.tau}, to {args.out}")

@@ -135,9 +135,10 @@ def assert_complete(workdir, configfile, run_name="smoke"):
         else:
             assert path.stat().st_size > 0, f"{path} is empty"
     results = Path(workdir) / "results" / run_name
-    for name in ("table1", "table2", "table3", "table4", "claims"):
+    for name in ("table1", "table2", "table3", "table4", "table5_6", "claims"):
         assert (results / "tables" / f"{name}.md").stat().st_size > 0
-    for name in ("heatmap_dsmoe", "layer_profile", "tau_curves", "no_gx_curve", "explorer"):
+    for name in ("heatmap_dsmoe", "heatmap_tasks_dsmoe", "layer_profile", "tau_curves", "no_gx_curve", "token_curve",
+                 "explorer"):
         assert (results / "figures" / f"{name}.png").stat().st_size > 0
         assert (results / "figures" / f"{name}.pdf").stat().st_size > 0
 

@@ -315,3 +315,41 @@ def test_resume_skips_damaged_checkpoints(setup, tmp_path, caplog):
     for name in whole:
         torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6, msg=name)
     assert [row["step"] for row in read_log(run)] == list(range(1, 9))
+
+
+def test_milestone_models_are_kept_and_evaluated(setup, tmp_path):
+    """Tables 5-6: the model at each token milestone stays while checkpoints rotate (keep_checkpoints 1)."""
+    import pandas as pd
+
+    from dsmoe import cli
+    from dsmoe.train.milestones import milestone_dirs, milestone_steps
+
+    _, init, data_dir = setup
+    tokens_per_step = 8 * SEQ_LEN
+    config = run_config(12, checkpoint_every=2, keep_checkpoints=1)
+    config["eval"]["milestone_tokens"] = [3 * tokens_per_step, 5.5 * tokens_per_step, 10**9]  # the last lies beyond
+    assert milestone_steps(config["eval"]["milestone_tokens"], tokens_per_step, 12) == {3: 3 * tokens_per_step,
+                                                                                         6: 5.5 * tokens_per_step}
+    run = tmp_path / "run"
+    train(config, init, data_dir, run, milestones=True)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_12"]
+    kept = milestone_dirs(run)
+    assert [info["step"] for _, info in kept] == [3, 6]
+    assert [info["tokens"] for _, info in kept] == [3 * tokens_per_step, 6 * tokens_per_step]
+    weights = [load_file(path / "model.safetensors")["model.layers.0.mlp.gate.weight"] for path, _ in kept]
+    final = load_file(run / "model" / "model.safetensors")["model.layers.0.mlp.gate.weight"]
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], final)
+
+    out = tmp_path / "milestones.csv"
+    assert cli.main(["eval", "milestones", "--run", str(run), "--data", str(data_dir), "--max-sequences", "2",
+                     "--out", str(out)]) == 0
+    df = pd.read_csv(out)
+    overall = df[df["source"] == "all"]
+    assert overall["step"].tolist() == [3, 6, 12] and overall["final"].tolist() == [False, False, True]
+    assert overall["train_tokens"].tolist() == [3 * tokens_per_step, 6 * tokens_per_step, 12 * tokens_per_step]
+    assert set(df["model"]) == {"run"} and set(df["variant"]) == {"dsmoe"} and (overall["ppl"] > 1).all()
+
+    # a fresh run of another milestone list replaces the old milestones
+    config["eval"]["milestone_tokens"] = [2 * tokens_per_step]
+    train(config, init, data_dir, run, milestones=True, resume=False)
+    assert [info["step"] for _, info in milestone_dirs(run)] == [2]

@@ -20,7 +20,7 @@ CONFIGS = sorted((ROOT / "config").glob("*.yaml"))
 def test_dry_run(configfile, tmp_path):
     result = snakemake("--configfile", str(configfile), "-n", "--quiet", "rules", workdir=tmp_path)
     for rule in ("base_model", "data", "convert", "pretrain", "eval_ppl", "lm_eval", "tau_sweep",
-                 "prune", "drop_sweep", "collect", "notebook_tables", "notebook_explorer"):
+                 "eval_milestones", "prune", "drop_sweep", "collect", "notebook_tables", "notebook_explorer"):
         assert rule in result.stdout, f"{configfile.name}: rule {rule} not planned"
 
 

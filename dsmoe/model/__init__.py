@@ -4,7 +4,8 @@
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_dsmoe import PARTITIONS, TOPK_VARIANTS, VARIANTS, DSMoEConfig, check_n_experts, check_tau, check_top_k, check_variant
-from .modeling_dsmoe import DSMoEForCausalLM, DSMoEMLP, NoisyTopKGate, check_swiglu, cv_squared, decoder_layers, dsmoe_layers, route, set_tau
+from .modeling_dsmoe import (DSMoEForCausalLM, DSMoEMLP, NoisyTopKGate, check_swiglu, cv_squared, decoder_layers, dsmoe_layers,
+                             route, set_no_gx_inference_rescale, set_tau)
 
 AutoConfig.register("dsmoe", DSMoEConfig, exist_ok=True)
 AutoModelForCausalLM.register(DSMoEConfig, DSMoEForCausalLM, exist_ok=True)
@@ -28,5 +29,6 @@ __all__ = [
     "decoder_layers",
     "dsmoe_layers",
     "route",
+    "set_no_gx_inference_rescale",
     "set_tau",
 ]

@@ -56,6 +56,10 @@ class DSMoEConfig(PreTrainedConfig):
             `"topk_switch"` (not the paper's: linear gate, softmax over all experts, top-k weights
             renormalised to sum n, Switch balance loss). Inference uses Eq. 7-8 (top-k for both top-k variants).
         num_experts_per_tok: experts per token of the top-k variants.
+        no_gx_inference_rescale: whether the `"no_gx"` variant applies Eq. 8's n/k at inference. It
+            is trained with Eq. 20 (Σ σ_i·o_i, no n/k), so True (the default, as every other
+            variant) scales its output by n/k over the training scale; False thresholds with G
+            (Eq. 7) and keeps the training scale. The paper does not say which it used for Fig. 2.
         gate_init_std: std of the normal init of the gate weights Y (see `DSMoEMLP`).
         gate_init: how the gates were initialised at conversion: "normal" (the paper) or "calibrated".
         base_architecture: class name of the dense model this one was converted from.
@@ -72,6 +76,7 @@ class DSMoEConfig(PreTrainedConfig):
     tau: float = 0.5
     variant: str = "dsmoe"
     num_experts_per_tok: int = 3
+    no_gx_inference_rescale: bool = True
     gate_init_std: float = 0.02
     gate_init: str = "normal"
     base_architecture: str | None = None

@@ -25,7 +25,7 @@ from .configuration_dsmoe import TOPK_VARIANTS, DSMoEConfig, check_tau
 from .sparse_ffn import expert_down_weights, sparse_expert_ffn
 
 
-def route(logits, variant, tau, top_k, training):
+def route(logits, variant, tau, top_k, training, rescale=True):
     """Per-token expert coefficients from gate logits h·Y (shape T x n).
 
     Returns `(coef, active, probs)`:
@@ -34,7 +34,8 @@ def route(logits, variant, tau, top_k, training):
       - `probs`: σ(h·Y) (softmax for top-k); `probs * active` is G(σ(h·Y)), Eq. 19's term.
     The n/k rescale (Eq. 8) is a token count and carries no gradient. A token with k = 0 gets
     coef 0 everywhere (output exactly 0); its rescale is taken as n/max(k, 1) so that the
-    straight-through gate gradient stays finite.
+    straight-through gate gradient stays finite. `rescale=False` drops the n/k of the sigmoid
+    variants (the no_gx model at inference with `no_gx_inference_rescale` off).
     """
     n = logits.shape[-1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # route in fp32 at least
@@ -50,7 +51,7 @@ def route(logits, variant, tau, top_k, training):
         return probs, torch.ones_like(probs, dtype=torch.bool), probs
     active = probs > tau
     gated = probs * active  # G(σ(h·Y)), Eq. 7
-    scale = n / active.sum(-1, keepdim=True).clamp(min=1).to(probs.dtype)  # Eq. 8
+    scale = n / active.sum(-1, keepdim=True).clamp(min=1).to(probs.dtype) if rescale else 1.0  # Eq. 8
     if training and variant == "dsmoe":
         gated_ste = gated.detach() + probs - probs.detach()  # S(x) = sg(G(x)) + x - sg(x), Eq. 10
         return gated_ste * scale, active, probs
@@ -153,6 +154,7 @@ class DSMoEMLP(nn.Module):
         self.tau = float(config.tau)
         self.variant = config.variant
         self.top_k = config.num_experts_per_tok
+        self.no_gx_inference_rescale = bool(config.no_gx_inference_rescale)
         self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
         self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
         self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=False)
@@ -198,7 +200,8 @@ class DSMoEMLP(nn.Module):
         if isinstance(self.gate, NoisyTopKGate):
             coef, active, probs = self.gate(x)
         else:
-            coef, active, probs = route(self.gate_logits(x), self.variant, self.tau, self.top_k, self.training)
+            rescale = self.variant != "no_gx" or self.no_gx_inference_rescale
+            coef, active, probs = route(self.gate_logits(x), self.variant, self.tau, self.top_k, self.training, rescale)
         self.last_gate_probs, self.last_active = probs, active
         if self.routing_stats is not None:
             self.routing_stats.update(active)
@@ -238,7 +241,8 @@ class DSMoEMLP(nn.Module):
         return super().train(mode)
 
     def extra_repr(self):
-        return f"n_experts={self.n_experts}, tau={self.tau}, variant={self.variant!r}"
+        extra = "" if self.variant != "no_gx" else f", no_gx_inference_rescale={self.no_gx_inference_rescale}"
+        return f"n_experts={self.n_experts}, tau={self.tau}, variant={self.variant!r}{extra}"
 
 
 class DSMoEPreTrainedModel(PreTrainedModel):
@@ -336,4 +340,20 @@ def set_tau(model, tau):
         model.config.tau = tau
     return model
 
-__all__ = ["check_swiglu", "cv_squared", "decoder_layers", "dsmoe_layers", "DSMoEMLP", "NoisyTopKGate", "DSMoEPreTrainedModel", "DSMoEForCausalLM", "route", "set_tau"]
+
+def set_no_gx_inference_rescale(model, rescale):
+    """Apply (True) or not (False) Eq. 8's n/k to the no_gx variant at inference, in every layer and the config."""
+    if not isinstance(rescale, bool):
+        raise ValueError(f"no_gx_inference_rescale must be true or false, got {rescale!r}")
+    layers = dsmoe_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no DSMoE layer")
+    for layer in layers:
+        layer.no_gx_inference_rescale = rescale
+    if isinstance(getattr(model, "config", None), DSMoEConfig):
+        model.config.no_gx_inference_rescale = rescale
+    return model
+
+
+__all__ = ["check_swiglu", "cv_squared", "decoder_layers", "dsmoe_layers", "DSMoEMLP", "NoisyTopKGate", "DSMoEPreTrainedModel",
+           "DSMoEForCausalLM", "route", "set_no_gx_inference_rescale", "set_tau"]

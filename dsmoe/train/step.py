@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import model_inputs
 from ..losses import cv_balance_loss, load_balancing_loss, sparsity_loss
 from ..model import TOPK_VARIANTS, VARIANTS, dsmoe_layers
 from ..names import UNSTRUCTURED_PRUNE_KINDS
@@ -76,21 +77,24 @@ def pruning_masks(model, init):
     return {name: param != 0 for name, param in model.named_parameters() if name.endswith(suffixes)}
 
 
-def auxiliary_losses(model, variant):
-    """`(sparsity, load_balancing)` of the latest forward; None where the variant has no such term."""
+def auxiliary_losses(model, variant, token_mask=None):
+    """`(sparsity, load_balancing)` of the latest forward; None where the variant has no such term.
+
+    `token_mask`: the attention mask of a padded batch (truncate mode), so padding adds no term."""
     if variant == "dense":
         return None, None
     if variant == "topk":
         return None, cv_balance_loss(model)
     if variant == "topk_switch":
-        return None, load_balancing_loss(model)
-    return sparsity_loss(model), None
+        return None, load_balancing_loss(model, token_mask)
+    return sparsity_loss(model, token_mask), None
 
 
 def micro_batch_loss(model, input_ids, variant, lam, balance_coef):
     """Forward one micro-batch: the loss to minimise and its terms `[loss, lm, sparsity, balance]` (detached)."""
-    lm_loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-    sparse, balance = auxiliary_losses(model, variant)
+    inputs = model_inputs(input_ids)  # labels; a mask for truncate-mode padding
+    lm_loss = model(**inputs, use_cache=False).loss
+    sparse, balance = auxiliary_losses(model, variant, inputs.get("attention_mask"))
     sparse = lm_loss.new_zeros(()) if sparse is None else sparse
     balance = lm_loss.new_zeros(()) if balance is None else balance
     loss = lm_loss + lam * sparse + balance_coef * balance

@@ -27,6 +27,7 @@ from ..model import dsmoe_layers
 from .checkpoint import clear_checkpoints, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
 from .divergence import DivergenceGuard
 from .log import TrainLog
+from .milestones import clear_stale_milestones, milestone_steps, save_milestone, warn_missed
 from .step import (accumulate_gradients, adapted_lambda, apply_variant, clip_gradients, optimizer_step, param_groups,
                    pruning_masks)
 
@@ -117,14 +118,16 @@ class Run:
     state: dict  # trainer_state.json of the checkpoint resumed from, or of step 0
     start: Path | None  # that checkpoint
     tensorboard: bool
+    milestones: dict  # {step: milestone tokens} of the models kept in RUN/milestones/ (Tables 5-6)
+    dtype: torch.dtype  # of the saved models
 
 
-def setup(config, init, data_dir, out, variant, overwrite, resume):
+def setup(config, init, data_dir, out, variant, overwrite, resume, milestones=False):
     """Everything before the first step: accelerator, checked data and model, resume decision, optimizer."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from ..hub import load_model
+    from ..hub import load_model, resolve_dtype
 
     tc = config["train"]
     check_out(out / "model", "model", overwrite)
@@ -157,11 +160,16 @@ def setup(config, init, data_dir, out, variant, overwrite, resume):
     if start.checkpoints:
         state, checkpoint = load_checkpoint(accelerator, out, start.checkpoints)
     batches = ProcessBatches(data_dir, manifest, tc, accelerator, start_step=state["step"])
+    tokens_per_step = tc["batch_size"] * manifest["seq_len"]
+    kept = milestone_steps(config["eval"]["milestone_tokens"], tokens_per_step, total_steps) if milestones else {}
+    clear_stale_milestones(accelerator, out, fingerprint, state["step"])
+    warn_missed(kept, out, state["step"])
     return Run(config=tc, out=out, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
                scheduler=scheduler, masked_params=masked_params, variant=variant, fingerprint=fingerprint,
                total_steps=total_steps, accumulation=accumulation,
-               tokens_per_step=tc["batch_size"] * manifest["seq_len"], batches=batches, state=state,
-               start=checkpoint, tensorboard=tensorboard)
+               tokens_per_step=tokens_per_step, batches=batches, state=state,
+               start=checkpoint, tensorboard=tensorboard, milestones=kept,
+               dtype=resolve_dtype(config["dtype"]))
 
 
 def training_loop(run):
@@ -186,6 +194,8 @@ def training_loop(run):
             row = log.write(step, lam, run.scheduler.get_last_lr()[0])
             bar.set_postfix(lm_loss=f"{row['lm_loss']:.3f}", active=f"{row['mean_active_fraction']:.2f}")
         lam = adapted_lambda(lam, step_stats, layers, run.variant, tc["adaptive_sparsity"])
+        if step in run.milestones:
+            save_milestone(run, step, run.milestones[step], run.dtype)
         if step % tc["checkpoint_every"] == 0 or step == run.total_steps:
             state = {"step": step, "fingerprint": run.fingerprint, "variant": run.variant, "sparsity_lambda": lam,
                      "data_position": run.batches.position(), "tokens": step * run.tokens_per_step}
@@ -194,14 +204,15 @@ def training_loop(run):
     bar.close()
 
 
-def train(config, init, data_dir, out, variant=None, overwrite=False, resume=True):
+def train(config, init, data_dir, out, variant=None, overwrite=False, resume=True, milestones=False):
     """Continued pretraining of the model in `init` on the prepared data `data_dir`; write `out`.
 
     Resumes from the newest checkpoint in `out` of the same run unless `resume` is False; refuses
-    checkpoints of a different config unless `overwrite`. Returns the path of the final model (`out/model`)."""
+    checkpoints of a different config unless `overwrite`. With `milestones`, keeps the model at each of
+    the config's `eval.milestone_tokens` in `out/milestones/`. Returns the path of the final model (`out/model`)."""
     from ..hub import resolve_dtype
 
-    run = setup(config, init, data_dir, Path(out), variant, overwrite, resume)
+    run = setup(config, init, data_dir, Path(out), variant, overwrite, resume, milestones)
     training_loop(run)
     pruning = Path(init) / "pruning.json"
     extra_files = [pruning] if pruning.is_file() else []
@@ -244,6 +255,8 @@ def register(subparsers):
     p.add_argument("--overwrite", action="store_true",
                    help="discard checkpoints of a different config in --out, and replace an --out/model that is not a dsmoe model")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if --out holds checkpoints")
+    p.add_argument("--milestones", action="store_true",
+                   help="keep the model at each of the config's eval.milestone_tokens in OUT/milestones/ (Tables 5-6)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-4")
     p.set_defaults(func=cmd_train)
 
@@ -252,5 +265,5 @@ def cmd_train(args):
     from ..config import load_config, parse_overrides
 
     config = load_config(args.config, parse_overrides(args.set))
-    path = train(config, args.init, args.data, args.out, args.variant, args.overwrite, not args.no_resume)
+    path = train(config, args.init, args.data, args.out, args.variant, args.overwrite, not args.no_resume, args.milestones)
     print(f"wrote {path}")

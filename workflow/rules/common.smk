@@ -7,7 +7,8 @@ import yaml
 from snakemake.utils import min_version, validate
 
 from dsmoe.launch import FSDP_CONFIG, launch_prefix
-from dsmoe.names import DENSE, DENSE_CONTINUED, DROP, PRUNE_KINDS, RUN_DATA, SWEEP_GRIDS, TABLES, TOPK_VARIANTS, prune_method
+from dsmoe.names import (DENSE, DENSE_CONTINUED, DROP, FIXED_ROUTING, PRUNE_KINDS, RUN_DATA, SWEEPS, TABLES, TOPK_VARIANTS,
+                         prune_method)
 
 min_version("9.0")
 
@@ -36,7 +37,8 @@ CONVERTED = list(config["variants"])  # dsmoe, no_ste, no_gx, topk: converted, t
 PRUNED = [prune_method(kind) for kind in config["baselines"]["prune"]]  # pruned, then trained dense
 TRAINED = CONVERTED + ([DENSE_CONTINUED] if config["dense_continued"] else []) + PRUNED
 EVALUATED = [DENSE] + TRAINED  # DENSE is the base model as it comes
-SWEPT = [variant for variant in SWEEP_GRIDS if variant in CONVERTED]  # each on its own τ grid
+SWEPT = [name for name, (variant, _, _) in SWEEPS.items() if variant in CONVERTED]  # dsmoe, no_gx (both ways of Fig. 2)
+DYNAMIC = [variant for variant in CONVERTED if variant not in FIXED_ROUTING]  # routing that can differ by token
 RUN_CONFIG = f"{RESULTS}/config.yaml"  # written when a run starts, read by the `dsmoe` commands
 
 
@@ -127,8 +129,27 @@ def train_launcher(wildcards, resources):
     return launch_prefix(resources.get("gpu", 0), resources.get("cpu_processes", 1), BASEDIR / FSDP_CONFIG)
 
 
+def sweep_model(wildcards):
+    return f"{RESULTS}/models/{SWEEPS[wildcards.sweep][0]}/model"
+
+
 def sweep_taus(wildcards):
-    return " ".join(str(tau) for tau in config["eval"][SWEEP_GRIDS[wildcards.variant]])
+    return " ".join(str(tau) for tau in config["eval"][SWEEPS[wildcards.sweep][1]])
+
+
+def sweep_rescale_flag(wildcards):
+    """Fig. 2 both ways: the no_gx sweeps with and without Eq. 8's n/k at inference."""
+    rescale = SWEEPS[wildcards.sweep][2]
+    return "" if rescale is None else f"--no-gx-inference-rescale {str(rescale).lower()}"
+
+
+def milestone_flag(wildcards):
+    """Only the DSMoE run keeps models at token milestones (Tables 5-6)."""
+    return "--milestones" if wildcards.trained == "dsmoe" and config["eval"]["milestone_tokens"] else ""
+
+
+def milestone_outputs():
+    return [f"{RESULTS}/eval/milestones/dsmoe/milestones.csv"] if "dsmoe" in CONVERTED else []
 
 
 def max_sequences_flag():
@@ -160,9 +181,14 @@ def eval_outputs(kind, filename):
     return expand(f"{RESULTS}/eval/{kind}/{{model}}/{filename}", model=EVALUATED)
 
 
+def heatmap_names():
+    """Fig. 3: per model, layers x validation sources; per dynamic model, layers x benchmark tasks."""
+    return [f"heatmap_{model}" for model in CONVERTED] + [f"heatmap_tasks_{model}" for model in DYNAMIC]
+
+
 def figure_names():
     names = ["layer_profile", "explorer"] if "dsmoe" in CONVERTED else ["layer_profile"]
-    names += [f"heatmap_{model}" for model in CONVERTED]
+    names += heatmap_names() + ["token_curve"]
     names += ["tau_curves"] if "dsmoe" in SWEPT else []
     names += ["no_gx_curve"] if "no_gx" in SWEPT else []
     return names
