@@ -89,7 +89,7 @@ def test_forced_routing_matches_hand_count(byte_model):
     model = dsmoe.convert(byte_model, n_experts=n, tau=0.5).eval()
     for layer, k in zip(dsmoe.dsmoe_layers(model), open_per_layer):
         logits = torch.tensor([10.0] * k + [-10.0] * (n - k))  # σ ≈ 1 for the first k experts, ≈ 0 for the rest
-        layer.gate.register_forward_hook(lambda module, args, out, logits=logits: logits.expand_as(out).to(out.dtype))
+        layer.gate_logits = lambda x, logits=logits: logits.expand(x.shape[0], -1)
     cfg = byte_model.config
     ffn = 3 * cfg.hidden_size * cfg.intermediate_size
     total = sum(p.numel() for p in model.parameters())

@@ -131,11 +131,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(setup, tmp_path, caplog)
 
 def test_variants_choose_their_auxiliary_loss(setup, tmp_path):
     dense, init, data_dir = setup
-    train(run_config(2, log_every=2), init, data_dir, tmp_path / "topk", variant="topk")
+    train(run_config(2, log_every=2), init, data_dir, tmp_path / "topk", variant="topk_switch")  # same linear gate
     row = read_log(tmp_path / "topk")[-1]
     assert row["load_balancing_loss"] > 0 and row["sparsity_loss"] == 0
     assert row["layer_0"] == pytest.approx(3.0)  # top_k experts per token
-    assert json.loads((tmp_path / "topk" / "model" / "config.json").read_text())["variant"] == "topk"
+    assert json.loads((tmp_path / "topk" / "model" / "config.json").read_text())["variant"] == "topk_switch"
+    with pytest.raises(ValueError, match="topk variant has its own gate"):
+        train(run_config(2), init, data_dir, tmp_path / "topk_noisy", variant="topk")
     train(run_config(2, log_every=2), dense, data_dir, tmp_path / "dense", variant="dense")
     row = read_log(tmp_path / "dense")[-1]
     assert row["sparsity_loss"] == 0 and row["mean_active_fraction"] == 1.0

@@ -122,9 +122,23 @@ class Run:
     dtype: torch.dtype  # of the saved models
 
 
+def new_accelerator(mixed_precision, **kwargs):
+    """An `Accelerator`; a second training in one process (a notebook, the tests) may change the precision.
+
+    accelerate keeps one process-wide state and refuses a new mixed precision; the distributed part
+    (PartialState) is kept, only the precision and gradient state are reset (accelerate's own tests do so)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, **kwargs)
+
+
 def setup(config, init, data_dir, out, variant, overwrite, resume, milestones=False):
     """Everything before the first step: accelerator, checked data and model, resume decision, optimizer."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from ..hub import load_model, resolve_dtype
@@ -133,8 +147,8 @@ def setup(config, init, data_dir, out, variant, overwrite, resume, milestones=Fa
     check_out(out / "model", "model", overwrite)
     out.mkdir(parents=True, exist_ok=True)
     tensorboard = importlib.util.find_spec("tensorboard") is not None
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc["mixed_precision"]),
-                              log_with="tensorboard" if tensorboard else None, project_dir=str(out))
+    accelerator = new_accelerator(resolve_mixed_precision(tc["mixed_precision"]),
+                                  log_with="tensorboard" if tensorboard else None, project_dir=str(out))
     if accelerator.is_main_process:
         logger.info("training on %d process(es), %s, mixed precision %s", accelerator.num_processes,
                     accelerator.distributed_type.value, accelerator.mixed_precision)
