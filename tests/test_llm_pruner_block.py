@@ -139,3 +139,26 @@ def test_refuses_models_without_inner_layers():
                          num_attention_heads=2, num_key_value_heads=1)
     with pytest.raises(ValueError, match="non-empty range"):
         block_prunable_param_count(LlamaForCausalLM(config))
+
+
+def test_paper_block_rows_recount_with_first_4_and_last_2_layers_whole():
+    """Table 1's LLM-Pruner-block rows are the per-layer model of the module docstring: LLaMA-1B with
+    layers 4..13 at 2 of 8 KV groups and D' = 1319, LLaMA-7B with layers 4..29 at 15 of 32 heads and D' = 5160."""
+    from dsmoe.model import PrunedLlamaConfig
+
+    def recount(layers, kept_kv, n_rep, width, pruned_width, **fields):
+        inner = range(4, layers - 2)
+        kv = [kept_kv if i in inner else fields["num_key_value_heads"] for i in range(layers)]
+        widths = [pruned_width if i in inner else width for i in range(layers)]
+        config = PrunedLlamaConfig(num_hidden_layers=layers, intermediate_size=width, layer_num_key_value_heads=kv,
+                                   layer_num_attention_heads=[n * n_rep for n in kv], layer_intermediate_sizes=widths, **fields)
+        with torch.device("meta"):
+            model = PrunedLlamaForCausalLM(config)
+        return sum(p.numel() for p in model.parameters()), sum(widths) / layers
+
+    params_1b, width_1b = recount(16, 2, 4, 8192, 1319, vocab_size=128256, hidden_size=2048, num_attention_heads=32,
+                                  num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
+    params_7b, width_7b = recount(32, 15, 1, 11008, 5160, vocab_size=32000, hidden_size=4096, num_attention_heads=32,
+                                  num_key_value_heads=32, tie_word_embeddings=False)
+    assert (round(params_1b / 1e6), round(width_1b, 1)) == (735, 3896.4)
+    assert (round(params_7b / 1e9, 2), round(width_7b, 1)) == (3.94, 6256.5)

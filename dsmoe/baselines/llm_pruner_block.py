@@ -2,10 +2,11 @@
 
 - Layers: only the layers in `[start, end)` are pruned; the others stay whole. LLM-Pruner's LLaMA
   scripts prune layers 4..29 of 32 (`--block_*_layer_start 4 --block_*_layer_end 30`), and the
-  paper's Table 1 rows fit exactly that rule, first 4 and last 2 layers whole: LLaMA-7B's average
-  D = 6256.5 is 26 layers at D' = 5160 and 6 at 11008; LLaMA-1B's 735M and D = 3896.4 are layers
-  4..13 with 6 of 8 KV groups removed and D' = 1319. So the default keeps the first 4 and the last 2
-  layers (models of 6 layers or fewer: the first and the last); `block_layers` overrides it.
+  paper's Table 1 rows fit exactly that rule, first 4 and last 2 layers whole: LLaMA-7B's 3.94B and
+  average D = 6256.5 are layers 4..29 with 17 of 32 heads removed and D' = 5160; LLaMA-1B's 735M and
+  D = 3896.4 are layers 4..13 with 6 of 8 KV groups removed and D' = 1319 (recounted in
+  tests/test_llm_pruner_block.py). So the default keeps the first 4 and the last 2 layers (models of
+  6 layers or fewer: the first and the last); `block_layers` overrides it.
 - Attention, with grouped-query attention: whole KV groups are removed, a group being one key/value
   head with the query heads that share it (rows of q, k, v; columns of o). The q heads within a
   group could be pruned instead, but LLaMA's attention needs the same number of q heads per KV head,
