@@ -3,10 +3,12 @@ per head and unit, the size target within one unit, the first and last layers ke
 heads and units removed without changing the outputs, and a save and reload (in process and with
 plain transformers and trust_remote_code)."""
 
+import json
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -132,6 +134,31 @@ def test_saves_and_reloads_with_auto_classes(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "remote ok transformers_modules" in result.stdout
+
+
+def test_cli_prunes_the_given_layers(tmp_path, smollm2_tokenizer):
+    from dsmoe.cli import main
+    from dsmoe.hub import load_model
+
+    data, model_dir = tmp_path / "data", tmp_path / "tiny"
+    rng = np.random.default_rng(0)
+    for name in ("code", "prose"):
+        (data / name).mkdir(parents=True)
+        np.save(data / name / "train.npy", rng.integers(0, 96, 300, dtype=np.int32))
+        np.save(data / name / "val.npy", rng.integers(0, 96, (2, 8), dtype=np.int32))
+    sources = {name: {"train_tokens": 300, "val_sequences": 2, "weight": 0.5} for name in ("code", "prose")}
+    (data / "manifest.json").write_text(json.dumps({"seq_len": 8, "tokenizer": "x", "sources": sources}))
+    tiny_llama().float().save_pretrained(model_dir)
+    smollm2_tokenizer.save_pretrained(model_dir)
+    args = ["baseline", "prune", "--model", str(model_dir), "--match-activated-pct", "75", "--data", str(data),
+            "--calibration-sequences", "2", "--block-layers", "2", "4"]
+    assert main([*args, "--kind", "llm_pruner_block", "--out", str(tmp_path / "pruned")]) == 0
+    summary = json.loads((tmp_path / "pruned" / "pruning.json").read_text())
+    assert summary["pruned_layers"] == [2, 4] and summary["activated_params_pct"] == pytest.approx(75.0, abs=0.5)
+    model, _ = load_model(str(tmp_path / "pruned"))
+    assert type(model) is PrunedLlamaForCausalLM and model.config.layer_intermediate_sizes[:2] == [WIDTH, WIDTH]
+    assert main([*args, "--kind", "wanda", "--out", str(tmp_path / "bad")]) == 2  # --block-layers is block mode's
+    assert not (tmp_path / "bad").exists()
 
 
 def test_refuses_models_without_inner_layers():
