@@ -3,6 +3,7 @@ per head and unit, the size target within one unit, the first and last layers ke
 heads and units removed without changing the outputs, and a save and reload (in process and with
 plain transformers and trust_remote_code)."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -119,6 +120,9 @@ def test_saves_and_reloads_with_auto_classes(tmp_path):
     expected = pruned(input_ids=ids).logits.detach()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(reloaded) is PrunedLlamaForCausalLM
+    copied = copy.deepcopy(reloaded)  # each layer's config view follows the copy's config
+    assert copied.model.layers[1].self_attn.config._config is copied.config
+    torch.testing.assert_close(copied(input_ids=ids).logits, expected)
     assert reloaded.config.layer_intermediate_sizes == pruned.config.layer_intermediate_sizes
     torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
     torch.save((ids, expected), tmp_path / "expected.pt")

@@ -21,6 +21,8 @@ class LayerConfigView:
         self.__dict__.update(sizes)
 
     def __getattr__(self, name):
+        if "_config" not in self.__dict__:  # a copy or unpickling that has not set it yet
+            raise AttributeError(name)
         return getattr(self.__dict__["_config"], name)
 
 
