@@ -30,6 +30,8 @@ class PrunedLlamaForCausalLM(LlamaForCausalLM):
     config_class = PrunedLlamaConfig
 
     def __init__(self, config: PrunedLlamaConfig):
+        # LlamaForCausalLM builds full-size layers, replaced here: a transient dense decoder stack, the
+        # price of reusing LLaMA's own __init__ rather than copying it
         super().__init__(config)
         self.model.layers = nn.ModuleList(
             [LlamaDecoderLayer(LayerConfigView(config, **config.layer_sizes(i)), i) for i in range(config.num_hidden_layers)])
