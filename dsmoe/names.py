@@ -9,7 +9,7 @@ from .model import TOPK_VARIANTS, VARIANTS
 DENSE = "dense"  # the base model as it comes
 DENSE_CONTINUED = "dense_continued"  # the base model trained on the same data and budget
 DROP = "drop_oracle"  # training-free partition and drop: an oracle on the dense FFN (it computes every expert)
-PRUNE_KINDS = ("sparsegpt", "llm_pruner_channel", "ffn_channel", "wanda")  # `dsmoe baseline prune --kind`
+PRUNE_KINDS = ("sparsegpt", "llm_pruner_channel", "llm_pruner_block", "ffn_channel", "wanda")  # `dsmoe baseline prune --kind`
 UNSTRUCTURED_PRUNE_KINDS = ("sparsegpt", "wanda")  # zeroed weights, kept at zero through training
 
 

@@ -86,11 +86,12 @@ def test_relative_imports_resolve():
 
 def test_checkpoint_files_import_only_torch_transformers_and_siblings():
     """These files are copied next to every checkpoint for trust_remote_code=True loading."""
-    for name in ("configuration_dsmoe", "modeling_dsmoe", "sparse_ffn"):
+    files = ("configuration_dsmoe", "modeling_dsmoe", "sparse_ffn", "configuration_pruned_llama", "modeling_pruned_llama")
+    for name in files:
         path = PACKAGE / "model" / f"{name}.py"
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:
-                assert node.level == 1 and node.module in ("configuration_dsmoe", "modeling_dsmoe", "sparse_ffn"), path
+                assert node.level == 1 and node.module in files, path
             elif isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0):
                 roots = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
                 assert all(r.split(".")[0] in ("torch", "transformers") for r in roots), f"{path}: {roots}"

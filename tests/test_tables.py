@@ -135,9 +135,9 @@ def test_table1_notes_recount_the_paper():
 
 
 def test_table1_carries_the_notes():
-    table1 = report.table1(ppl_rows([("dense", 5.0, 100.0), ("topk", 7.0, 60.0), ("prune_channel", 7.5, 59.0)]), PAPER)
+    table1 = report.table1(ppl_rows([("dense", 5.0, 100.0), ("topk", 7.0, 60.0), ("prune_llm_pruner_channel", 7.5, 59.0)]), PAPER)
     notes = table1.set_index("model")["paper_notes"]
-    assert "732.8M" in notes["topk"] and "4.03B" in notes["topk"] and "889M" in notes["prune_channel"]
+    assert "732.8M" in notes["topk"] and "4.03B" in notes["topk"] and "889M" in notes["prune_llm_pruner_channel"]
     assert notes["dense"] == ""
 
 

@@ -46,8 +46,12 @@ def cmd_prune(args):
     model, tokenizer = load_model(args.model)
     if model.config.model_type == "dsmoe":
         raise ValueError(f"{args.model} is a DSMoE model; pruning takes a dense causal LM")
-    fraction = args.fraction if args.fraction is not None else fraction_for_activated_pct(model, target_pct, args.kind)
-    model, summary = prune(model, args.kind, fraction, calibration, args.batch_size)
+    if args.block_layers is not None and args.kind != "llm_pruner_block":
+        raise ValueError("--block-layers applies to --kind llm_pruner_block only")
+    fraction = args.fraction
+    if fraction is None:
+        fraction = fraction_for_activated_pct(model, target_pct, args.kind, args.block_layers)
+    model, summary = prune(model, args.kind, fraction, calibration, args.batch_size, args.block_layers)
     summary = {"source_model": str(args.model), **summary}
     if target_pct is not None:
         summary["target_activated_params_pct"] = target_pct
@@ -78,21 +82,26 @@ def register(subparsers):
     p.add_argument("--out", required=True, help="output CSV: one row per threshold (written atomically)")
     p.set_defaults(func=cmd_drop)
 
-    p = commands.add_parser("prune", help="static pruning: sparsegpt, llm_pruner_channel (the paper's rows), ffn_channel, wanda")
+    p = commands.add_parser("prune", help="static pruning: sparsegpt, llm_pruner_channel, llm_pruner_block (the paper's rows), "
+                                          "ffn_channel, wanda")
     p.add_argument("--model", required=True, help="dense causal LM: short name or directory")
     p.add_argument("--kind", required=True,
                    help="sparsegpt (every decoder linear, unstructured, OBS reconstruction), llm_pruner_channel "
-                        "(the hidden size d, LLM-Pruner's channel mode: a narrower model), ffn_channel (FFN units by "
+                        "(the hidden size d, LLM-Pruner's channel mode: a narrower model), llm_pruner_block (KV groups "
+                        "and FFN units per layer, LLM-Pruner's block mode: a LLaMA with per-layer sizes), ffn_channel (FFN units by "
                         "Taylor importance: a narrower dense model) or wanda (FFN weights, unstructured)")
     amount = p.add_mutually_exclusive_group(required=True)
     amount.add_argument("--fraction", type=float,
                         help="fraction to remove, in [0, 1), of the decoder linear weights (sparsegpt), hidden channels "
-                             "(llm_pruner_channel) or FFN weights")
+                             "(llm_pruner_channel), the pruned layers' attention and FFN weights (llm_pruner_block) or FFN weights")
     amount.add_argument("--match-activated-pct", type=float,
                         help="choose the fraction so that activated params are this %% of the dense model's (Table 1 count)")
     amount.add_argument("--match-ppl-csv", metavar="PPL_CSV",
                         help="as --match-activated-pct, with the percentage of the model evaluated in this ppl.csv "
                              "(`dsmoe eval ppl`, its 'all' row)")
+    p.add_argument("--block-layers", type=int, nargs=2, metavar=("START", "END"), default=None,
+                   help="llm_pruner_block: prune layers START..END-1 only (default: all but the first 4 and last 2; "
+                        "6 layers or fewer: all but the first and last)")
     p.add_argument("--data", required=True, help="`dsmoe data prepare` directory; calibration comes from its train.npy")
     p.add_argument("--calibration-sequences", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--calibration-seq-len", type=int, default=None, help="calibration sequence length (default: the data's seq_len)")

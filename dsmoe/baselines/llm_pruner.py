@@ -17,7 +17,7 @@ Written by hand rather than with torch-pruning (the dependency-graph library LLM
 on): for a LLaMA-style model the group is fixed and known (the list above), so slicing the state
 dict into a freshly built config is shorter than tracing the model, and gives a model that saves
 and reloads with plain transformers. LLM-Pruner's block mode (per-layer heads and FFN channels) is
-not implemented here.
+`llm_pruner_block.py`.
 """
 
 import torch

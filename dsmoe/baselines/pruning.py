@@ -4,6 +4,9 @@
   reconstruction layer by layer (`sparsegpt.py`).
 - `llm_pruner_channel` (the paper's LLM-Pruner-channel row): the hidden size d of the whole model,
   by first-order Taylor importance (`llm_pruner.py`): a narrower model of the same class.
+- `llm_pruner_block` (the paper's LLM-Pruner-block row): KV groups and FFN units of every layer but
+  the first 4 and last 2, by first-order Taylor importance (`llm_pruner_block.py`): a LLaMA with
+  per-layer sizes. Its fraction is of the pruned layers' attention and FFN weights.
 - `ffn_channel` (not a paper row): remove the same number of intermediate units from every FFN,
   chosen per layer by first-order Taylor importance: for unit j, Σ |w·∂L/∂w| over row j of
   gate_proj and up_proj and column j of down_proj, with ∂L/∂w the gradient of the LM loss summed
@@ -24,6 +27,7 @@ from ..model import check_swiglu, decoder_layers
 from ..names import PRUNE_KINDS as KINDS
 from ..names import UNSTRUCTURED_PRUNE_KINDS
 from .llm_pruner import hidden_params_per_channel, llm_pruner_channel
+from .llm_pruner_block import block_prunable_param_count, llm_pruner_block
 from .sparsegpt import decoder_linear_param_count, layer_linears, sparsegpt
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -47,17 +51,20 @@ def ffn_param_count(model):
     return sum(getattr(mlp, name).weight.numel() for mlp in ffn_mlps(model) for name in PROJECTIONS)
 
 
-def prunable_param_count(model, kind):
+def prunable_param_count(model, kind, block_layers=None):
     """The parameters that pruning `kind` removes a fraction of: every decoder linear (sparsegpt), every
-    parameter carried by a hidden channel (llm_pruner_channel) or the FFNs."""
+    parameter carried by a hidden channel (llm_pruner_channel), the pruned layers' attention and FFN
+    weights (llm_pruner_block) or the FFNs."""
+    if kind == "llm_pruner_block":
+        return block_prunable_param_count(model, block_layers)
     if kind == "llm_pruner_channel":
         return hidden_params_per_channel(model) * model.config.hidden_size
     return decoder_linear_param_count(model) if kind == "sparsegpt" else ffn_param_count(model)
 
 
-def fraction_for_activated_pct(model, pct, kind="ffn_channel"):
+def fraction_for_activated_pct(model, pct, kind="ffn_channel", block_layers=None):
     """The fraction of `kind`'s prunable params to remove so that `pct` % of `model`'s params stay."""
-    total, prunable = sum(p.numel() for p in model.parameters()), prunable_param_count(model, kind)
+    total, prunable = sum(p.numel() for p in model.parameters()), prunable_param_count(model, kind, block_layers)
     if not 0.0 < float(pct) <= 100.0:
         raise ValueError(f"activated params percentage must lie in (0, 100], got {pct}")
     fraction = (1.0 - float(pct) / 100.0) * total / prunable
@@ -187,10 +194,11 @@ def prune_wanda(model, fraction, input_norms):
     return masks
 
 
-def prune(model, kind, fraction, calibration, batch_size=1):
+def prune(model, kind, fraction, calibration, batch_size=1, block_layers=None):
     """Prune a dense causal LM; returns `(pruned_model, summary)`, the summary written as pruning.json.
 
-    The model is pruned in place, except for llm_pruner_channel, which builds a narrower one."""
+    The model is pruned in place, except for the llm_pruner kinds, which build a new model.
+    `block_layers` (start, end): the layers llm_pruner_block prunes (default: see `llm_pruner_block.py`)."""
     if kind not in KINDS:
         raise ValueError(f"unknown pruning kind {kind!r}; choose one of {', '.join(KINDS)}")
     fraction = check_fraction(fraction)
@@ -200,6 +208,10 @@ def prune(model, kind, fraction, calibration, batch_size=1):
         model, removed = llm_pruner_channel(model, int(round(fraction * hidden)), calibration, batch_size)
         detail = {"importance": "first-order taylor |w*dL/dw| summed over the hidden-channel group (param_first, sum)",
                   "removed_hidden_channels": len(removed), "hidden_size": model.config.hidden_size}
+    elif kind == "llm_pruner_block":
+        model, detail = llm_pruner_block(model, fraction, calibration, block_layers, batch_size)
+        detail = {"importance": "first-order taylor |w*dL/dw| summed over each KV group and FFN unit (param_first, sum), "
+                                "ranked per layer", **detail}
     elif kind == "sparsegpt":
         masks = sparsegpt(model, fraction, calibration, batch_size)
         zeros = sum(int(m.sum()) for m in masks.values())

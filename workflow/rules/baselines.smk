@@ -1,5 +1,5 @@
 rule prune:
-    """Static pruning of the dense base model (SparseGPT, LLM-Pruner channel; FFN channels and Wanda as
+    """Static pruning of the dense base model (SparseGPT, LLM-Pruner channel and block; FFN channels and Wanda as
     extra rows), matched in size to the trained DSMoE model's activated params unless
     baselines.prune_fraction fixes it; the pruned model is then trained like the others (rule pretrain)."""
     input:
