@@ -6,7 +6,7 @@ sequences; each process takes its slice of it and accumulates gradients over mic
 
 Auxiliary loss by variant: the sparsity loss (Eq. 19) weighted by λ for dsmoe, no_ste and no_gx;
 the Switch load-balancing loss for topk; none for dense (the "dense continued" control).
-Beyond the paper, off by default: an adaptive λ (ReMoE style) and a separate gate learning rate.
+Beyond the paper, off by default: a bounded λ controller (lambda_control.py) and a separate gate learning rate.
 
 This file: setup, the loop, the final save and the CLI; one step is in step.py, checkpoints and
 the resume decision in checkpoint.py, train_log.csv in log.py.
@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from .. import data as data_module
 from ..model import dsmoe_layers
 from .checkpoint import clear_checkpoints, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
+from .lambda_control import lambda_controller
 from .log import TrainLog
-from .step import (TrainingDiverged, accumulate_gradients, adapted_lambda, apply_variant, optimizer_step,
+from .step import (TrainingDiverged, accumulate_gradients, active_fraction, apply_variant, optimizer_step,
                    param_groups, pruning_masks)
 
 
@@ -159,6 +160,8 @@ def training_loop(run):
     tc, accelerator = run.config, run.accelerator
     step, lam = run.state["step"], run.state["sparsity_lambda"]
     layers = dsmoe_layers(run.model)
+    control = lambda_controller(tc, lam, run.variant, run.state.get("lambda_control"))
+    lam = control.lam if control else lam
     log = TrainLog(accelerator, run.out, step, layers, run.tokens_per_step, run.tensorboard)
     last_checkpoint = str(run.start) if run.start else None
     bar = tqdm(total=run.total_steps, initial=step, desc=f"train {run.variant}", unit="step",
@@ -176,9 +179,11 @@ def training_loop(run):
         if step % tc["log_every"] == 0 or step == run.total_steps:
             row = log.write(step, lam, run.scheduler.get_last_lr()[0])
             bar.set_postfix(lm_loss=f"{row['lm_loss']:.3f}", active=f"{row['mean_active_fraction']:.2f}")
-        lam = adapted_lambda(lam, step_stats, layers, run.variant, tc["adaptive_sparsity"])
+        if control is not None:
+            lam = control.update(active_fraction(step_stats[4:].tolist(), layers))
         if step % tc["checkpoint_every"] == 0 or step == run.total_steps:
             state = {"step": step, "fingerprint": run.fingerprint, "variant": run.variant, "sparsity_lambda": lam,
+                     "lambda_control": control.state_dict() if control else None,
                      "data_position": run.batches.position(), "tokens": step * run.tokens_per_step}
             last_checkpoint = str(save_checkpoint(accelerator, run.out, step, state, tc["keep_checkpoints"]))
     bar.close()

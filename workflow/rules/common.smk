@@ -82,7 +82,8 @@ def gate_init_flags(wildcards, input):
     settings = config["dsmoe"]
     return (f"--gate-init calibrated --calibration-data {input.data}"
             f" --calibration-sequences {settings['calibration_sequences']}"
-            f" --calibration-target {settings['calibration_target']}")
+            f" --calibration-target {settings['calibration_target']}"
+            f" --calibration-spread {settings['calibration_spread']}")
 
 
 def train_init(wildcards):
