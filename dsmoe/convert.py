@@ -1,12 +1,14 @@
 """Dense -> DSMoE: convert a LLaMA-style causal LM in place (paper §4.1), and `dsmoe convert`."""
 
+import argparse
 import copy
 
 import torch
 
 from .gate_init import calibrated_gate_weights, capture_ffn_inputs
-from .model import (DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, check_n_experts, check_swiglu, check_tau, check_top_k,
-                    check_variant, decoder_layers, dsmoe_layers)
+from .partition import check_partition, partition_units
+from .model import (TOPK_VARIANTS, DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, check_n_experts, check_swiglu, check_tau, check_top_k,
+                    check_variant, decoder_layers, dsmoe_layers, set_no_gx_inference_rescale)
 
 DEFAULTS = DSMoEConfig()  # n_experts, tau, variant, num_experts_per_tok, gate_init_std when not given
 
@@ -37,7 +39,7 @@ def validate_conversion(model, n_experts, tau, variant, top_k=None):
     check_variant(variant)
     check_tau(tau)
     check_n_experts(n_experts)
-    if variant == "topk":
+    if variant in TOPK_VARIANTS:
         check_top_k(DEFAULTS.num_experts_per_tok if top_k is None else top_k, n_experts)
     if dsmoe_layers(model):
         raise ValueError(f"{type(model).__name__} is already a DSMoE model")
@@ -45,7 +47,8 @@ def validate_conversion(model, n_experts, tau, variant, top_k=None):
 
 
 def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init_std=None,
-            calibration_ids=None, calibration_target=0.95, calibration_spread=0.5):
+            calibration_ids=None, calibration_target=0.95, calibration_spread=0.5, partition="contiguous",
+            partition_ids=None, no_gx_inference_rescale=True):
     """Replace every decoder MLP of a LLaMA-style causal LM by a `DSMoEMLP`, in place.
 
     Returns a `DSMoEForCausalLM` that shares the given model's modules (no weight is copied).
@@ -54,6 +57,9 @@ def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init
     such batches: `calibration_inputs`), fitted by `dsmoe.gate_init` (beyond the paper): every expert
     starts open with σ ≈ `calibration_target`, spread per token by ± `calibration_spread` x 2 in logit
     by how much each expert contributes to it.
+    `partition` groups the FFN units into experts (`dsmoe.partition`); `coactivation` reads
+    `partition_ids` (N x T token ids, or a list of such batches).
+    `no_gx_inference_rescale`: see `DSMoEConfig` (it matters for the no_gx variant only).
     """
     n_experts = DEFAULTS.n_experts if n_experts is None else n_experts
     tau = DEFAULTS.tau if tau is None else tau
@@ -61,10 +67,15 @@ def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init
     top_k = DEFAULTS.num_experts_per_tok if top_k is None else top_k
     gate_init_std = DEFAULTS.gate_init_std if gate_init_std is None else gate_init_std
     validate_conversion(model, n_experts, tau, variant, top_k)
+    check_partition(partition)
+    if partition == "coactivation" and partition_ids is None:
+        raise ValueError("the coactivation partition needs calibration token ids (partition_ids)")
+    partition_inputs = capture_ffn_inputs(model, partition_ids) if partition == "coactivation" else None
+    partition_units(model, n_experts, partition, partition_inputs)
     ffn_inputs = None
     if calibration_ids is not None:
-        if variant == "topk":
-            raise ValueError("the calibrated gate init applies to sigmoid gates, not to the topk router")
+        if variant in TOPK_VARIANTS:
+            raise ValueError(f"the calibrated gate init applies to sigmoid gates, not to the {variant} router")
         ffn_inputs = capture_ffn_inputs(model, calibration_ids)
     config = DSMoEConfig(
         text_config=copy.deepcopy(model.config).to_dict(),
@@ -75,6 +86,7 @@ def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init
         gate_init_std=gate_init_std,
         gate_init="normal" if calibration_ids is None else "calibrated",
         base_architecture=type(model).__name__,
+        partition=partition,
     )
     config._attn_implementation = model.config._attn_implementation
     with torch.device("meta"):
@@ -90,6 +102,7 @@ def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init
     converted.model = model.model
     converted.lm_head = model.lm_head
     converted.generation_config = model.generation_config
+    set_no_gx_inference_rescale(converted, bool(no_gx_inference_rescale))
     converted.train(model.training)
     return converted
 
@@ -107,36 +120,56 @@ def register(subparsers):
     p.add_argument("--n-experts", type=int, default=n_experts,
                    help=f"experts per FFN; must divide the intermediate size (default {n_experts})")
     p.add_argument("--tau", type=float, default=tau, help=f"gate threshold τ in (0, 1) (default {tau})")
-    p.add_argument("--variant", default="dsmoe", help="dsmoe | no_ste | no_gx | topk: the training forward (default dsmoe)")
-    p.add_argument("--top-k", type=int, default=top_k, help=f"experts per token of the topk variant (default {top_k})")
+    p.add_argument("--variant", default="dsmoe", help="dsmoe | no_ste | no_gx | topk (LLaMA-MoE) | topk_switch (Switch style): the training forward (default dsmoe)")
+    p.add_argument("--top-k", type=int, default=top_k, help=f"experts per token of the top-k variants (default {top_k})")
     p.add_argument("--gate-init-std", type=float, default=gate_init_std,
                    help=f"std of the normal init of the gate (default {gate_init_std})")
     p.add_argument("--gate-init", choices=["normal", "calibrated"], default="normal",
                    help="normal: N(0, std²) as in the paper; calibrated (beyond the paper): every expert starts open, "
                         "fitted on --calibration-data (see dsmoe/gate_init.py)")
-    p.add_argument("--calibration-data", help="prepared data directory (dsmoe data prepare) for --gate-init calibrated")
+    p.add_argument("--partition", default="contiguous",
+                   help="how FFN units are grouped into experts: contiguous (Eq. 6, default), random or coactivation "
+                        "(LLaMA-MoE's neuron splits; coactivation reads --calibration-data)")
+    p.add_argument("--calibration-data",
+                   help="prepared data directory (dsmoe data prepare) for --gate-init calibrated or --partition coactivation")
     p.add_argument("--calibration-sequences", type=int, default=schema_default("dsmoe.calibration_sequences"),
                    help="training sequences used to calibrate (default %(default)s)")
     p.add_argument("--calibration-target", type=float, default=schema_default("dsmoe.calibration_target"),
                    help="gate value σ of a typical token after calibration (default %(default)s)")
     p.add_argument("--calibration-spread", type=float, default=schema_default("dsmoe.calibration_spread"),
                    help="logit spread between the experts of a token, times its score in [-2, 2] (default %(default)s)")
+    p.add_argument("--no-gx-inference-rescale", type=parse_bool, default=schema_default("dsmoe.no_gx_inference_rescale"),
+                   metavar="{true,false}", help="no_gx variant: apply Eq. 8's n/k at inference (default %(default)s)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a dsmoe model")
     p.set_defaults(func=cmd_convert)
 
 
+def parse_bool(text):
+    """`true`/`false` (also on/off, yes/no, 1/0) as a command-line value."""
+    value = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}.get(
+        str(text).lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
 def cmd_convert(args):
+    from .atomic import check_out
     from .hub import load_model, save_model
 
+    check_out(args.out, "model", args.overwrite)
+    check_partition(args.partition)
     ids = None
-    if args.gate_init == "calibrated":
+    if args.gate_init == "calibrated" or args.partition == "coactivation":
         if not args.calibration_data:
-            raise ValueError("--gate-init calibrated needs --calibration-data DATA")
+            raise ValueError("--gate-init calibrated and --partition coactivation need --calibration-data DATA")
         ids = calibration_inputs(args.calibration_data, args.calibration_sequences)
     model, tokenizer = load_model(args.model)
     validate_conversion(model, args.n_experts, args.tau, args.variant, args.top_k)
     model = convert(model, args.n_experts, args.tau, args.variant, args.top_k, args.gate_init_std,
-                    calibration_ids=ids, calibration_target=args.calibration_target,
-                    calibration_spread=args.calibration_spread)
-    save_model(model, tokenizer, args.out)
+                    calibration_ids=ids if args.gate_init == "calibrated" else None,
+                    calibration_target=args.calibration_target, calibration_spread=args.calibration_spread,
+                    partition=args.partition, partition_ids=ids, no_gx_inference_rescale=args.no_gx_inference_rescale)
+    save_model(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"wrote {args.variant} model with {args.n_experts} experts per FFN, tau={args.tau}, to {args.out}")
