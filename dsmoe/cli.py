@@ -16,6 +16,7 @@ STAGE_MODULES = [
     "dsmoe.evaluation.cli",  # eval ppl | sweep | lm-eval
     "dsmoe.baselines.cli",  # baseline drop | prune
     "dsmoe.report.cli",  # report collect | activated-pct
+    "dsmoe.pilot",  # pilot
 ]
 
 

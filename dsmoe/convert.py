@@ -13,6 +13,18 @@ from .model import (TOPK_VARIANTS, DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, chec
 DEFAULTS = DSMoEConfig()  # n_experts, tau, variant, num_experts_per_tok, gate_init_std when not given
 
 
+SINK_WINDOWS, SINK_LENGTH = 512, 4  # short calibration windows: many first positions (attention sinks)
+
+
+def calibration_inputs(data_dir, n_sequences):
+    """Token windows to fit the calibrated gate init on: `n_sequences` training windows of the data's
+    seq_len, plus SINK_WINDOWS windows of SINK_LENGTH tokens, whose first positions (the attention
+    sinks, with FFN inputs far from the others) a few long windows hold too few of."""
+    from .data import calibration_windows
+
+    return [calibration_windows(data_dir, n_sequences), calibration_windows(data_dir, SINK_WINDOWS, SINK_LENGTH)]
+
+
 def check_partitionable(model, n_experts):
     """Every decoder MLP must be SwiGLU with an intermediate size that `n_experts` divides."""
     check_n_experts(n_experts)
@@ -35,16 +47,18 @@ def validate_conversion(model, n_experts, tau, variant, top_k=None):
 
 
 def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init_std=None,
-            calibration_ids=None, calibration_target=0.9, partition="contiguous", partition_ids=None,
-            no_gx_inference_rescale=True):
+            calibration_ids=None, calibration_target=0.95, calibration_spread=0.5, partition="contiguous",
+            partition_ids=None, no_gx_inference_rescale=True):
     """Replace every decoder MLP of a LLaMA-style causal LM by a `DSMoEMLP`, in place.
 
     Returns a `DSMoEForCausalLM` that shares the given model's modules (no weight is copied).
     Settings left at None take `DSMoEConfig`'s defaults. Gates are initialised
-    N(0, gate_init_std²) as in the paper, or, given `calibration_ids` (N x T token ids), by
-    `dsmoe.gate_init` so that every expert starts open with σ ≈ `calibration_target` (beyond the paper).
+    N(0, gate_init_std²) as in the paper, or, given `calibration_ids` (N x T token ids, or a list of
+    such batches: `calibration_inputs`), fitted by `dsmoe.gate_init` (beyond the paper): every expert
+    starts open with σ ≈ `calibration_target`, spread per token by ± `calibration_spread` x 2 in logit
+    by how much each expert contributes to it.
     `partition` groups the FFN units into experts (`dsmoe.partition`); `coactivation` reads
-    `partition_ids` (N x T token ids).
+    `partition_ids` (N x T token ids, or a list of such batches).
     `no_gx_inference_rescale`: see `DSMoEConfig` (it matters for the no_gx variant only).
     """
     n_experts = DEFAULTS.n_experts if n_experts is None else n_experts
@@ -78,9 +92,12 @@ def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init
     with torch.device("meta"):
         converted = DSMoEForCausalLM(config)
     for i, layer in enumerate(decoder_layers(model)):
-        layer.mlp = DSMoEMLP.from_dense(layer.mlp, n_experts, tau, variant, top_k, gate_init_std, f"model.layers.{i}.mlp")
+        weights = None
         if ffn_inputs is not None:
-            weights = calibrated_gate_weights(ffn_inputs[i], n_experts, calibration_target, seed=i)
+            weights = calibrated_gate_weights(ffn_inputs[i], n_experts, layer.mlp, calibration_target, calibration_spread)
+            ffn_inputs[i] = None  # free as we go
+        layer.mlp = DSMoEMLP.from_dense(layer.mlp, n_experts, tau, variant, top_k, gate_init_std, f"model.layers.{i}.mlp")
+        if weights is not None:
             layer.mlp.gate.weight.data.copy_(weights)
     converted.model = model.model
     converted.lm_head = model.lm_head
@@ -118,7 +135,9 @@ def register(subparsers):
     p.add_argument("--calibration-sequences", type=int, default=schema_default("dsmoe.calibration_sequences"),
                    help="training sequences used to calibrate (default %(default)s)")
     p.add_argument("--calibration-target", type=float, default=schema_default("dsmoe.calibration_target"),
-                   help="gate value σ of a median token after calibration (default %(default)s)")
+                   help="gate value σ of a typical token after calibration (default %(default)s)")
+    p.add_argument("--calibration-spread", type=float, default=schema_default("dsmoe.calibration_spread"),
+                   help="logit spread between the experts of a token, times its score in [-2, 2] (default %(default)s)")
     p.add_argument("--no-gx-inference-rescale", type=parse_bool, default=schema_default("dsmoe.no_gx_inference_rescale"),
                    metavar="{true,false}", help="no_gx variant: apply Eq. 8's n/k at inference (default %(default)s)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -137,7 +156,6 @@ def parse_bool(text):
 
 def cmd_convert(args):
     from .atomic import check_out
-    from .data import calibration_windows
     from .hub import load_model, save_model
 
     check_out(args.out, "model", args.overwrite)
@@ -146,12 +164,12 @@ def cmd_convert(args):
     if args.gate_init == "calibrated" or args.partition == "coactivation":
         if not args.calibration_data:
             raise ValueError("--gate-init calibrated and --partition coactivation need --calibration-data DATA")
-        ids = calibration_windows(args.calibration_data, args.calibration_sequences)
+        ids = calibration_inputs(args.calibration_data, args.calibration_sequences)
     model, tokenizer = load_model(args.model)
     validate_conversion(model, args.n_experts, args.tau, args.variant, args.top_k)
     model = convert(model, args.n_experts, args.tau, args.variant, args.top_k, args.gate_init_std,
                     calibration_ids=ids if args.gate_init == "calibrated" else None,
-                    calibration_target=args.calibration_target, partition=args.partition, partition_ids=ids,
-                    no_gx_inference_rescale=args.no_gx_inference_rescale)
+                    calibration_target=args.calibration_target, calibration_spread=args.calibration_spread,
+                    partition=args.partition, partition_ids=ids, no_gx_inference_rescale=args.no_gx_inference_rescale)
     save_model(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"wrote {args.variant} model with {args.n_experts} experts per FFN, tau={args.tau}, to {args.out}")

@@ -147,9 +147,13 @@ def test_variants_choose_their_auxiliary_loss(setup, tmp_path):
 
 def test_adaptive_lambda_and_gate_learning_rate(setup, tmp_path):
     _, init, data_dir = setup
-    adaptive = {"enabled": True, "target_fraction": 0.01, "rate": 2.0}
-    train(run_config(3, sparsity_lambda=0.5, adaptive_sparsity=adaptive), init, data_dir, tmp_path / "run")
-    assert [row["lambda"] for row in read_log(tmp_path / "run")] == [0.5, 1.0, 2.0]  # too dense: λ grows
+    adaptive = {"enabled": True, "target_fraction": 0.01, "lambda_max": 0.56, "max_step": 0.1}
+    train(run_config(4, sparsity_lambda=0.5, adaptive_sparsity=adaptive, checkpoint_every=4), init, data_dir, tmp_path / "run")
+    lams = [row["lambda"] for row in read_log(tmp_path / "run")]
+    assert lams[0] == 0.5 and lams[1] == pytest.approx(0.5 * math.exp(0.1))  # too dense: λ grows by at most max_step
+    assert lams[1] < lams[2] <= lams[3] == pytest.approx(0.56)  # up to its ceiling, no further
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert state["lambda_control"]["steps"] == 4 and state["sparsity_lambda"] == pytest.approx(0.56)  # resumes exactly
     model, _ = dsmoe.load_model(str(init))
     groups = param_groups(model, 0.1, gate_lr=1e-2)
     gates = {id(layer.gate.weight) for layer in dsmoe.dsmoe_layers(model)}

@@ -1,6 +1,7 @@
 """Tables, claims and figures of a run, beside the paper's published numbers (the notebooks use these)."""
 
-from .plots import explorer_heatmap, heatmap, heatmap_grid, layer_profile, no_gx_curve, tau_curves, token_activity, token_curve
+from .plots import (explorer_heatmap, heatmap, heatmap_grid, layer_profile, no_gx_curve, pilot_curves, tau_curves,
+                    token_activity, token_curve)
 from .run_data import PAPER_RESULTS, collect, load_paper, load_run, overall, save_figure, save_table
 from .shape import band_means, is_w_shaped, w_shape_claim
 from .tables import claims, paper_methods, paper_tasks, primary_scores, table1, table2, table3, table4, table5_6
@@ -21,6 +22,7 @@ __all__ = [
     "overall",
     "paper_methods",
     "paper_tasks",
+    "pilot_curves",
     "primary_scores",
     "save_figure",
     "save_table",

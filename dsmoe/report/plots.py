@@ -155,6 +155,43 @@ def token_curve(table):
     return fig
 
 
+def pilot_curves(logs, path, adaptive=None):
+    """`dsmoe pilot`'s PNG: activation, λ and LM loss against steps, one line per run (`{label: train_log}`).
+
+    With `adaptive` (the first run's train.adaptive_sparsity), the controller's target ramp is drawn dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for label, log in logs.items():
+        axes[0].plot(log["step"], log["mean_active_fraction"], label=label)
+        axes[1].plot(log["step"], log["lambda"], label=label)
+        axes[2].plot(log["step"], log["lm_loss"], label=label)
+    if adaptive and adaptive.get("enabled"):
+        first = next(iter(logs.values()))
+        steps = first["step"].to_numpy()
+        start, ramp = float(first["mean_active_fraction"].iloc[0]), max(adaptive["ramp_steps"], 1)
+        target = start + (adaptive["target_fraction"] - start) * np.minimum(steps / ramp, 1.0)
+        axes[0].plot(steps, target, "--", color="gray", label="target")
+        for bound in (adaptive["lambda_min"], adaptive["lambda_max"]):
+            axes[1].axhline(bound, ls=":", color="gray")
+    axes[0].set_ylabel("active experts / n (mean over layers)")
+    axes[0].set_ylim(0, 1.05)
+    axes[1].set_ylabel("λ")
+    axes[1].set_yscale("log")
+    axes[2].set_ylabel("LM loss (training batch)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # --- routing explorer ------------------------------------------------------------------------
 
 

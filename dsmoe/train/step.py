@@ -1,4 +1,4 @@
-"""One optimizer step: the loss of each variant (Eq. 17-19), gradient accumulation, the update, adaptive λ.
+"""One optimizer step: the loss of each variant (Eq. 17-19), gradient accumulation, the update.
 
 Step statistics are a vector `[loss, lm, sparsity, balance, per-layer active experts...]`, averaged
 over the micro-batches and the processes; train_log.csv rows are their mean over a log interval.
@@ -150,11 +150,3 @@ def optimizer_step(optimizer, scheduler, masked_params):
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
 
-
-def adapted_lambda(lam, step_stats, layers, variant, adaptive):
-    """Beyond the paper (ReMoE style): the λ of the next step, raised by `rate` while the experts are
-    more active than `target_fraction`, lowered by it otherwise; unchanged when off."""
-    if not adaptive["enabled"] or variant not in SPARSITY_VARIANTS:
-        return lam
-    too_dense = active_fraction(step_stats[4:].tolist(), layers) > adaptive["target_fraction"]
-    return lam * adaptive["rate"] if too_dense else lam / adaptive["rate"]

@@ -6,7 +6,7 @@ sequences; each process takes its slice of it and accumulates gradients over mic
 
 Auxiliary loss by variant: the sparsity loss (Eq. 19) weighted by λ for dsmoe, no_ste and no_gx;
 LLaMA-MoE's CV² balance loss for topk, the Switch load-balancing loss for topk_switch; none for dense (the "dense continued" control).
-Beyond the paper, off by default: an adaptive λ (ReMoE style) and a separate gate learning rate.
+Beyond the paper, off by default: a bounded λ controller (lambda_control.py) and a separate gate learning rate.
 
 This file: setup, the loop, the final save and the CLI; one step is in step.py, checkpoints and
 the resume decision in checkpoint.py, stopping a diverged run in divergence.py, train_log.csv in log.py.
@@ -26,10 +26,11 @@ from ..atomic import check_out
 from ..model import dsmoe_layers
 from .checkpoint import clear_checkpoints, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
 from .divergence import DivergenceGuard
+from .lambda_control import lambda_controller
 from .log import TrainLog
 from .milestones import clear_stale_milestones, milestone_steps, save_milestone, warn_missed
-from .step import (accumulate_gradients, adapted_lambda, apply_variant, clip_gradients, optimizer_step, param_groups,
-                   pruning_masks)
+from .step import (accumulate_gradients, active_fraction, apply_variant, clip_gradients, optimizer_step,
+                   param_groups, pruning_masks)
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +192,8 @@ def training_loop(run):
     tc, accelerator = run.config, run.accelerator
     step, lam = run.state["step"], run.state["sparsity_lambda"]
     layers = dsmoe_layers(run.model)
+    control = lambda_controller(tc, lam, run.variant, run.state.get("lambda_control"))
+    lam = control.lam if control else lam
     log = TrainLog(accelerator, run.out, step, layers, run.tokens_per_step, run.tensorboard)
     guard = DivergenceGuard(accelerator, layers, tc["all_experts_off_steps"], len(run.tokenizer), run.start)
     bar = tqdm(total=run.total_steps, initial=step, desc=f"train {run.variant}", unit="step",
@@ -207,11 +210,13 @@ def training_loop(run):
         if step % tc["log_every"] == 0 or step == run.total_steps:
             row = log.write(step, lam, run.scheduler.get_last_lr()[0])
             bar.set_postfix(lm_loss=f"{row['lm_loss']:.3f}", active=f"{row['mean_active_fraction']:.2f}")
-        lam = adapted_lambda(lam, step_stats, layers, run.variant, tc["adaptive_sparsity"])
+        if control is not None:
+            lam = control.update(active_fraction(step_stats[4:].tolist(), layers))
         if step in run.milestones:
             save_milestone(run, step, run.milestones[step], run.dtype)
         if step % tc["checkpoint_every"] == 0 or step == run.total_steps:
             state = {"step": step, "fingerprint": run.fingerprint, "variant": run.variant, "sparsity_lambda": lam,
+                     "lambda_control": control.state_dict() if control else None,
                      "data_position": run.batches.position(), "tokens": step * run.tokens_per_step}
             guard.check_weights(run.model, step)
             guard.saved(save_checkpoint(accelerator, run.out, step, state, tc["keep_checkpoints"]))

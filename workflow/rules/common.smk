@@ -109,6 +109,7 @@ def gate_init_flags(wildcards, input):
     flags += f" --calibration-data {input.data} --calibration-sequences {settings['calibration_sequences']}"
     if calibrated_gates(wildcards.variant):
         flags += f" --gate-init calibrated --calibration-target {settings['calibration_target']}"
+        flags += f" --calibration-spread {settings['calibration_spread']}"
     return flags
 
 
