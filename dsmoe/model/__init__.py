@@ -3,7 +3,8 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .configuration_dsmoe import VARIANTS, DSMoEConfig, check_n_experts, check_tau, check_top_k, check_variant
+from .configuration_dsmoe import (VARIANTS, DSMoEConfig, check_gate_init_std, check_n_experts, check_tau, check_top_k,
+                                  check_variant)
 from .modeling_dsmoe import DSMoEForCausalLM, DSMoEMLP, check_swiglu, decoder_layers, dsmoe_layers, route, set_tau
 
 AutoConfig.register("dsmoe", DSMoEConfig, exist_ok=True)
@@ -16,6 +17,7 @@ __all__ = [
     "DSMoEConfig",
     "DSMoEForCausalLM",
     "DSMoEMLP",
+    "check_gate_init_std",
     "check_n_experts",
     "check_swiglu",
     "check_tau",
