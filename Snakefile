@@ -6,7 +6,6 @@
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/run_config.smk"
 include: "workflow/rules/base_model.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/convert.smk"
@@ -15,6 +14,10 @@ include: "workflow/rules/tau_sweep.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/baselines.smk"
 include: "workflow/rules/figures.smk"
+
+
+onstart:
+    write_run_config()  # results/<run>/config.yaml, read by the `dsmoe` commands
 
 
 rule all:

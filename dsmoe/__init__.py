@@ -4,8 +4,8 @@ from ._version import __version__
 from .accounting import RoutingRecorder, activated_params
 from .convert import convert
 from .hub import load_model
-from .losses import load_balancing_loss, sparsity_loss
-from .model import VARIANTS, DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, dsmoe_layers, set_tau
+from .losses import cv_balance_loss, load_balancing_loss, sparsity_loss
+from .model import VARIANTS, DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, dsmoe_layers, set_no_gx_inference_rescale, set_tau
 
 __all__ = [
     "VARIANTS",
@@ -17,8 +17,10 @@ __all__ = [
     "activated_params",
     "convert",
     "dsmoe_layers",
+    "cv_balance_loss",
     "load_balancing_loss",
     "load_model",
+    "set_no_gx_inference_rescale",
     "set_tau",
     "sparsity_loss",
 ]

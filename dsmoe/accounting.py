@@ -1,8 +1,24 @@
 """Routing statistics and activated parameters: active experts per token and layer (paper Table 1)."""
 
+import contextlib
+import contextvars
+
 import torch
 
 from .model import dsmoe_layers
+
+_COUNTED = contextvars.ContextVar("dsmoe_counted_tokens", default=None)
+
+
+@contextlib.contextmanager
+def counted_tokens(mask):
+    """Inside this block, routing statistics count only the tokens where `mask` (B x T, or None: all)
+    is true: padding of truncated documents is routed but not counted."""
+    token = _COUNTED.set(None if mask is None else mask.reshape(-1).bool())
+    try:
+        yield
+    finally:
+        _COUNTED.reset(token)
 
 
 class RoutingStats:
@@ -13,6 +29,11 @@ class RoutingStats:
         self.k_hist = torch.zeros(n_experts + 1, dtype=torch.long)
 
     def update(self, active):
+        mask = _COUNTED.get()
+        if mask is not None:
+            if mask.numel() != active.shape[0]:
+                raise ValueError(f"counted_tokens mask has {mask.numel()} tokens, the forward {active.shape[0]}")
+            active = active[mask.to(active.device)]
         active = active.detach().cpu()
         self.k_hist += torch.bincount(active.sum(-1), minlength=self.n_experts + 1)
 

@@ -7,6 +7,7 @@ convert. Every conversion is then checked: with every expert forced on (coeffici
 model is its dense parent, so it must reproduce the parent's logits on a few tokens.
 """
 
+import argparse
 import contextlib
 import copy
 
@@ -14,8 +15,9 @@ import torch
 from torch import nn
 
 from .gate_init import calibrated_gate_weights, capture_ffn_inputs
-from .model import (DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, check_gate_init_std, check_n_experts, check_swiglu,
-                    check_tau, check_top_k, check_variant, decoder_layers, dsmoe_layers)
+from .model import (TOPK_VARIANTS, DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, check_gate_init_std, check_n_experts, check_swiglu,
+                    check_tau, check_top_k, check_variant, decoder_layers, dsmoe_layers, set_no_gx_inference_rescale)
+from .partition import check_partition, partition_units
 
 DEFAULTS = DSMoEConfig()  # n_experts, tau, variant, num_experts_per_tok, gate_init_std when not given
 # model types whose *ForCausalLM computes logits = lm_head(hidden states), nothing more (transformers 5)
@@ -54,7 +56,7 @@ def validate_conversion(model, n_experts, tau, variant, top_k=None, gate_init_st
     check_tau(tau)
     check_n_experts(n_experts)
     check_gate_init_std(DEFAULTS.gate_init_std if gate_init_std is None else gate_init_std)
-    if variant == "topk":
+    if variant in TOPK_VARIANTS:
         check_top_k(DEFAULTS.num_experts_per_tok if top_k is None else top_k, n_experts)
     if dsmoe_layers(model):
         raise ValueError(f"{type(model).__name__} is already a DSMoE model")
@@ -118,13 +120,17 @@ def check_dense_equivalence(converted, ids, reference):
 
 
 def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init_std=None,
-            calibration_ids=None, calibration_target=0.9, check=True):
+            calibration_ids=None, calibration_target=0.9, partition="contiguous", partition_ids=None,
+            no_gx_inference_rescale=True, check=True):
     """Replace every decoder MLP of a LLaMA-style causal LM by a `DSMoEMLP`, in place.
 
     Returns a `DSMoEForCausalLM` that shares the given model's modules (no weight is copied).
     Settings left at None take `DSMoEConfig`'s defaults. Gates are initialised
     N(0, gate_init_std²) as in the paper, or, given `calibration_ids` (N x T token ids), by
     `dsmoe.gate_init` so that every expert starts open with σ ≈ `calibration_target` (beyond the paper).
+    `partition` groups the FFN units into experts (`dsmoe.partition`); `coactivation` reads
+    `partition_ids` (N x T token ids).
+    `no_gx_inference_rescale`: see `DSMoEConfig` (it matters for the no_gx variant only).
     With `check` (the default), the result with every expert on must reproduce the dense model's
     logits on a few tokens (`check_dense_equivalence`); if not, the dense MLPs are put back and it raises.
     """
@@ -134,14 +140,20 @@ def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init
     top_k = DEFAULTS.num_experts_per_tok if top_k is None else top_k
     gate_init_std = DEFAULTS.gate_init_std if gate_init_std is None else gate_init_std
     validate_conversion(model, n_experts, tau, variant, top_k, gate_init_std)
+    check_partition(partition)
+    if partition == "coactivation" and partition_ids is None:
+        raise ValueError("the coactivation partition needs calibration token ids (partition_ids)")
+    reference = _check_logits(model) if check else None  # before the units are permuted: that is checked too
+    partition_inputs = capture_ffn_inputs(model, partition_ids) if partition == "coactivation" else None
+    partition_units(model, n_experts, partition, partition_inputs)
     ffn_inputs = None
     if calibration_ids is not None:
-        if variant == "topk":
-            raise ValueError("the calibrated gate init applies to sigmoid gates, not to the topk router")
+        if variant in TOPK_VARIANTS:
+            raise ValueError(f"the calibrated gate init applies to sigmoid gates, not to the {variant} router")
         ffn_inputs = capture_ffn_inputs(model, calibration_ids)
-    reference = _check_logits(model) if check else None
     dense_mlps = [layer.mlp for layer in decoder_layers(model)]
-    converted = _convert_layers(model, n_experts, tau, variant, top_k, gate_init_std, ffn_inputs, calibration_target)
+    converted = _convert_layers(model, n_experts, tau, variant, top_k, gate_init_std, ffn_inputs, calibration_target,
+                                partition, no_gx_inference_rescale)
     if reference is not None:
         try:
             check_dense_equivalence(converted, *reference)
@@ -152,7 +164,8 @@ def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init
     return converted
 
 
-def _convert_layers(model, n_experts, tau, variant, top_k, gate_init_std, ffn_inputs, calibration_target):
+def _convert_layers(model, n_experts, tau, variant, top_k, gate_init_std, ffn_inputs, calibration_target, partition,
+                    no_gx_inference_rescale):
     config = DSMoEConfig(
         text_config=copy.deepcopy(model.config).to_dict(),
         n_experts=n_experts,
@@ -162,6 +175,7 @@ def _convert_layers(model, n_experts, tau, variant, top_k, gate_init_std, ffn_in
         gate_init_std=gate_init_std,
         gate_init="normal" if ffn_inputs is None else "calibrated",
         base_architecture=type(model).__name__,
+        partition=partition,
     )
     config._attn_implementation = model.config._attn_implementation
     with torch.device("meta"):
@@ -174,6 +188,7 @@ def _convert_layers(model, n_experts, tau, variant, top_k, gate_init_std, ffn_in
     converted.model = model.model
     converted.lm_head = model.lm_head
     converted.generation_config = model.generation_config
+    set_no_gx_inference_rescale(converted, bool(no_gx_inference_rescale))
     converted.train(model.training)
     return converted
 
@@ -191,35 +206,56 @@ def register(subparsers):
     p.add_argument("--n-experts", type=int, default=n_experts,
                    help=f"experts per FFN; must divide the intermediate size (default {n_experts})")
     p.add_argument("--tau", type=float, default=tau, help=f"gate threshold τ in (0, 1) (default {tau})")
-    p.add_argument("--variant", default="dsmoe", help="dsmoe | no_ste | no_gx | topk: the training forward (default dsmoe)")
-    p.add_argument("--top-k", type=int, default=top_k, help=f"experts per token of the topk variant (default {top_k})")
+    p.add_argument("--variant", default="dsmoe", help="dsmoe | no_ste | no_gx | topk (LLaMA-MoE) | topk_switch (Switch style): the training forward (default dsmoe)")
+    p.add_argument("--top-k", type=int, default=top_k, help=f"experts per token of the top-k variants (default {top_k})")
     p.add_argument("--gate-init-std", type=float, default=gate_init_std,
                    help=f"std of the normal init of the gate, > 0 (default {gate_init_std})")
     p.add_argument("--gate-init", choices=["normal", "calibrated"], default="normal",
                    help="normal: N(0, std²) as in the paper; calibrated (beyond the paper): every expert starts open, "
                         "fitted on --calibration-data (see dsmoe/gate_init.py)")
-    p.add_argument("--calibration-data", help="prepared data directory (dsmoe data prepare) for --gate-init calibrated")
+    p.add_argument("--partition", default="contiguous",
+                   help="how FFN units are grouped into experts: contiguous (Eq. 6, default), random or coactivation "
+                        "(LLaMA-MoE's neuron splits; coactivation reads --calibration-data)")
+    p.add_argument("--calibration-data",
+                   help="prepared data directory (dsmoe data prepare) for --gate-init calibrated or --partition coactivation")
     p.add_argument("--calibration-sequences", type=int, default=schema_default("dsmoe.calibration_sequences"),
                    help="training sequences used to calibrate (default %(default)s)")
     p.add_argument("--calibration-target", type=float, default=schema_default("dsmoe.calibration_target"),
                    help="gate value σ of a median token after calibration (default %(default)s)")
+    p.add_argument("--no-gx-inference-rescale", type=parse_bool, default=schema_default("dsmoe.no_gx_inference_rescale"),
+                   metavar="{true,false}", help="no_gx variant: apply Eq. 8's n/k at inference (default %(default)s)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a dsmoe model")
     p.set_defaults(func=cmd_convert)
 
 
+def parse_bool(text):
+    """`true`/`false` (also on/off, yes/no, 1/0) as a command-line value."""
+    value = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}.get(
+        str(text).lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
 def cmd_convert(args):
+    from .atomic import check_out
     from .data import calibration_windows
     from .hub import load_model, save_model
 
+    check_out(args.out, "model", args.overwrite)
+    check_partition(args.partition)
     ids = None
-    if args.gate_init == "calibrated":
+    if args.gate_init == "calibrated" or args.partition == "coactivation":
         if not args.calibration_data:
-            raise ValueError("--gate-init calibrated needs --calibration-data DATA")
+            raise ValueError("--gate-init calibrated and --partition coactivation need --calibration-data DATA")
         ids = calibration_windows(args.calibration_data, args.calibration_sequences)
     check_gate_init_std(args.gate_init_std)
     model, tokenizer = load_model(args.model)
     validate_conversion(model, args.n_experts, args.tau, args.variant, args.top_k, args.gate_init_std)
     model = convert(model, args.n_experts, args.tau, args.variant, args.top_k, args.gate_init_std,
-                    calibration_ids=ids, calibration_target=args.calibration_target)
-    save_model(model, tokenizer, args.out)
+                    calibration_ids=ids if args.gate_init == "calibrated" else None,
+                    calibration_target=args.calibration_target, partition=args.partition, partition_ids=ids,
+                    no_gx_inference_rescale=args.no_gx_inference_rescale)
+    save_model(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"wrote {args.variant} model with {args.n_experts} experts per FFN, tau={args.tau}, to {args.out}")

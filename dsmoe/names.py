@@ -4,21 +4,44 @@ A *method* is what a results row is (the `variant` column of the CSVs): a DSMoE 
 (`dsmoe.model.VARIANTS`) or one of the dense rows below.
 """
 
-from .model import VARIANTS
+from .model import TOPK_VARIANTS, VARIANTS
 
 DENSE = "dense"  # the base model as it comes
 DENSE_CONTINUED = "dense_continued"  # the base model trained on the same data and budget
-DROP = "drop"  # the training-free partition-and-drop baseline
-PRUNE_KINDS = ("channel", "wanda")
+DROP = "drop_oracle"  # training-free partition and drop: an oracle on the dense FFN (it computes every expert)
+PRUNE_KINDS = ("sparsegpt", "llm_pruner_channel", "ffn_channel", "wanda")  # `dsmoe baseline prune --kind`
+UNSTRUCTURED_PRUNE_KINDS = ("sparsegpt", "wanda")  # zeroed weights, kept at zero through training
 
 
 def prune_method(kind):
-    """The method name of a pruned baseline: prune_channel, prune_wanda."""
+    """The method name of a pruned baseline: prune_sparsegpt, prune_ffn_channel, prune_wanda."""
     return f"prune_{kind}"
 
 
 DENSE_METHODS = (DENSE, DENSE_CONTINUED, DROP, *map(prune_method, PRUNE_KINDS))
 METHOD_ORDER = [DENSE, DENSE_CONTINUED, *VARIANTS, *map(prune_method, PRUNE_KINDS), DROP]
-SWEEP_GRIDS = {"dsmoe": "tau_sweep", "no_gx": "no_gx_tau_sweep"}  # swept variant -> its τ grid in config `eval`
-RUN_DATA = ["ppl", "layers", "bench", "sweep", "sweep_layers", "drop"]  # results/<run>/data/<name>.csv
-TABLES = ["table1", "table2", "table3", "table4", "claims"]  # results/<run>/tables/<name>.{csv,md}
+# τ-sweeps of trained models: sweep name -> (variant swept, its τ grid in config `eval`, Eq. 8's n/k at
+# inference for no_gx: Fig. 2 is drawn both ways, None: the variant always rescales)
+SWEEPS = {
+    "dsmoe": ("dsmoe", "tau_sweep", None),
+    "no_gx": ("no_gx", "no_gx_tau_sweep", True),
+    "no_gx_unscaled": ("no_gx", "no_gx_tau_sweep", False),
+}
+RUN_DATA = ["ppl", "layers", "bench", "bench_layers", "sweep", "sweep_layers", "drop", "milestones"]  # results/<run>/data/<name>.csv
+TABLES = ["table1", "table2", "table3", "table4", "table5_6", "claims"]  # results/<run>/tables/<name>.{csv,md}
+FIXED_ROUTING = TOPK_VARIANTS  # variants whose routing is fixed (always k experts): their heatmaps are a reference
+
+# The paper's benchmark columns (Table 2/3 keys in dsmoe/report/paper_results.yaml) -> the lm-eval task
+# that plays each (dsmoe.evaluation.harness.PAPER_SUITE): the one name map between the two.
+PAPER_TASKS = {
+    "hellaswag": "hellaswag",
+    "lambada": "lambada_openai",
+    "piqa": "piqa",
+    "siqa": "social_iqa",
+    "storycloze": "storycloze_2016",
+    "winogrande": "winogrande",
+    "gsm8k": "gsm8k",
+    "naturalqs": "nq_open",
+    "triviaqa": "triviaqa",
+    "webqs": "webqs",
+}

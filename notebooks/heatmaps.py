@@ -16,12 +16,17 @@
 # %% [markdown]
 # # Layer-wise activation (Fig. 3)
 #
-# Mean number of active experts per layer and validation source, one heatmap per trained model,
-# and the per-layer profile as lines. The paper finds a W-shaped profile across depth.
+# Mean number of active experts per layer and validation source, one heatmap per trained model, with
+# the paper's average column (and an average row); then the same over the benchmark tasks (routing
+# recorded while lm-eval ran them), and the per-layer profile as lines. The paper finds a W-shaped
+# profile across depth; `tables` tests it (claims: five equal layer bands, bands 1, 3, 5 each above
+# bands 2 and 4). Top-k routing is fixed (k experts for every token): its heatmap is drawn once, as a
+# reference, not as a finding.
 
 # %% tags=["parameters"]
 run_dir = "../results/default"
 models = "dsmoe no_ste no_gx topk"
+task_models = "dsmoe no_ste no_gx"
 
 # %%
 from pathlib import Path
@@ -33,11 +38,24 @@ from dsmoe import report
 data = report.load_run(run_dir)
 figures_dir = Path(run_dir) / "figures"
 models = models.split()
+task_models = task_models.split()
+
+# %% [markdown]
+# ## Validation sources
 
 # %%
 for model in models:
     ax = report.heatmap(data["layers"], model)
     report.save_figure(ax.figure, figures_dir, f"heatmap_{model}")
+    plt.show()
+
+# %% [markdown]
+# ## Benchmark tasks
+
+# %%
+for model in task_models:
+    ax = report.heatmap(data["bench_layers"], model, column="task")
+    report.save_figure(ax.figure, figures_dir, f"heatmap_tasks_{model}")
     plt.show()
 
 # %%

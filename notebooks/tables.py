@@ -14,12 +14,12 @@
 # ---
 
 # %% [markdown]
-# # Tables 1–4 beside the paper
+# # Tables 1–6 beside the paper
 #
 # Reads a run's collected results (`results/<run>/data/`, written by the workflow's `collect` rule)
 # and writes each table as CSV and Markdown to `results/<run>/tables/`. The paper's numbers come from
-# `dsmoe/paper_results.yaml` (LLaMA-1B and LLaMA-7B; the embedded default uses SmolLM2-135M and the
-# offline stdlib tasks, so compare trends, not values).
+# `dsmoe/report/paper_results.yaml` (LLaMA-1B and LLaMA-7B; the embedded default uses SmolLM2-135M
+# and the offline stdlib tasks, so compare trends, not values).
 
 # %% tags=["parameters"]
 run_dir = "../results/default"
@@ -44,13 +44,16 @@ def show(df, name):
 
 # %% [markdown]
 # ## Table 1: perplexity and activated parameters
-# `paper_*` columns: the row of the paper that each model plays (SparseGPT is played by Wanda).
+# `paper_*` columns: the row of the paper that each model plays (SparseGPT is played by Wanda);
+# `paper_notes`: where the paper's own numbers contradict each other.
 
 # %%
 show(report.table1(data["ppl"], paper), "table1")
 
 # %% [markdown]
 # ## Table 2: downstream tasks (primary metric, %)
+# Columns are lm-eval tasks; the paper's columns are mapped onto them (`dsmoe.names.PAPER_TASKS`),
+# and each task's metric is the one that reproduces the paper's dense rows (`table2.metric_reasons`).
 
 # %%
 show(report.table2(data["bench"], paper), "table2")
@@ -68,10 +71,21 @@ show(report.table3(data["ppl"], data["bench"], paper), "table3")
 show(report.table4(data["sweep"], paper), "table4")
 
 # %% [markdown]
+# ## Tables 5–6: perplexity against continued-pretraining tokens
+# This run's DSMoE model at its `eval.milestone_tokens` and at the end, then the paper's LLaMA-1B and
+# LLaMA-7B (Appendix B); the curve puts each on its own axes.
+
+# %%
+table56 = report.table5_6(data["milestones"], paper)
+show(table56, "table5_6")
+fig = report.token_curve(table56)
+report.save_figure(fig, Path(run_dir) / "figures", "token_curve")
+
+# %% [markdown]
 # ## Does the reproduction hold?
 
 # %%
-claims = report.claims(data["ppl"], data["sweep"])
+claims = report.claims(data["ppl"], data["sweep"], data["layers"])
 show(claims, "claims")
 for row in claims.itertuples():
     print(f"{row.claim}: reproduced: {row.reproduced}  ({row.evidence})")

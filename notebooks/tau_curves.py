@@ -17,8 +17,10 @@
 # # τ curves (Table 4, Fig. 2)
 #
 # Left: the trained DSMoE model evaluated at each τ without retraining (Table 4), the paper's
-# LLaMA-1B/7B dashed. Then Fig. 2: the model trained without G(x) and thresholded only at
-# inference, over a fine τ grid, with DSMoE's own point starred.
+# LLaMA-1B/7B dashed. Then Fig. 2: the model trained without G(x) (Eq. 20, no n/k) and thresholded
+# only at inference, over a fine τ grid, with DSMoE's own point starred. The paper does not say
+# whether Eq. 8's n/k rescale applies at that inference, so both are drawn: with it (solid, sweep
+# `no_gx`) and without it (dashed, `no_gx_unscaled`, the scale the model was trained with).
 
 # %% tags=["parameters"]
 run_dir = "../results/default"

@@ -1,4 +1,11 @@
+import atexit
+import functools
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +92,71 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------- the Snakemake workflow and its smoke run
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+       "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+SMOKE = ROOT / "config" / "smoke.yaml"
+# One thread per job, so that --cores 2 runs two of the smoke run's tiny jobs at once.
+LOCAL_SMOKE_ARGS = ["--configfile", str(SMOKE), "--cores", "2", "--set-threads", "pretrain=1"]
+
+
+def snakemake(*args, workdir=None, env=None, timeout=600, check=True):
+    """Run snakemake from the repository root (where `--profile slurm` and profiles/ are found)."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
+    if workdir is not None:
+        cmd += ["--directory", str(workdir)]
+    result = subprocess.run(cmd + list(args), cwd=ROOT, env=env or ENV, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd + list(args))} failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def planned_outputs(workdir, configfile):
+    """Every output file of the run's DAG, from `snakemake --summary`."""
+    summary = snakemake("--configfile", str(configfile), "--summary", workdir=workdir).stdout
+    rows = [line.split("\t") for line in summary.splitlines() if "\t" in line]
+    return [Path(workdir) / row[0] for row in rows[1:]]
+
+
+def assert_complete(workdir, configfile, run_name="smoke"):
+    outputs = planned_outputs(workdir, configfile)
+    assert len(outputs) > 40, outputs
+    for path in outputs:
+        assert path.exists(), f"{path} is missing"
+        if path.is_dir():
+            assert any(path.iterdir()), f"{path} is empty"
+        else:
+            assert path.stat().st_size > 0, f"{path} is empty"
+    results = Path(workdir) / "results" / run_name
+    for name in ("table1", "table2", "table3", "table4", "table5_6", "claims"):
+        assert (results / "tables" / f"{name}.md").stat().st_size > 0
+    for name in ("heatmap_dsmoe", "heatmap_tasks_dsmoe", "layer_profile", "tau_curves", "no_gx_curve", "token_curve",
+                 "explorer"):
+        assert (results / "figures" / f"{name}.png").stat().st_size > 0
+        assert (results / "figures" / f"{name}.pdf").stat().st_size > 0
+
+
+@functools.lru_cache(maxsize=None)
+def smoke_workdir():
+    """The smoke config run once per test session, locally; shared by the workflow, notebook and distributed tests.
+
+    DSMOE_SMOKE_WORKDIR=DIR reuses (and brings up to date) the smoke run of an earlier session."""
+    if os.environ.get("DSMOE_SMOKE_WORKDIR"):
+        workdir = Path(os.environ["DSMOE_SMOKE_WORKDIR"])
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="dsmoe-smoke-"))
+        atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    snakemake(*LOCAL_SMOKE_ARGS, workdir=workdir, timeout=1800)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def smoke_run():
+    return smoke_workdir()

@@ -44,10 +44,10 @@ def swiglu_expert(x, w_gate, w_up, w_down, i, n):
     return (F.silu(x @ w_gate[rows].T) * (x @ w_up[rows].T)) @ w_down[:, rows].T
 
 
-# ---------------------------------------------------------------- top-k (LLaMA-MoE) ------------------
+# ---------------------------------------------------------------- top-k, Switch style (not the paper's) -
 
 def topk_model(n=8, k=3, seed=0):
-    model = dsmoe.convert(tiny_llama(seed), n_experts=n, variant="topk", top_k=k)
+    model = dsmoe.convert(tiny_llama(seed), n_experts=n, variant="topk_switch", top_k=k)
     with torch.no_grad():  # a wider gate than the default init so that routing is far from uniform
         for layer in dsmoe.dsmoe_layers(model):
             layer.gate.weight.normal_(0, 1.0)
@@ -109,10 +109,11 @@ def test_load_balancing_loss_is_switch_formula():
         torch.testing.assert_close(g.double(), w, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("variant", ["topk", "topk_switch"])
 @pytest.mark.parametrize("top_k", [0, 9])
-def test_topk_out_of_range_errors(top_k):
+def test_topk_out_of_range_errors(top_k, variant):
     with pytest.raises(ValueError, match="top_k"):
-        dsmoe.convert(tiny_llama(), n_experts=8, variant="topk", top_k=top_k)
+        dsmoe.convert(tiny_llama(), n_experts=8, variant=variant, top_k=top_k)
 
 
 # ---------------------------------------------------------------- training-free drop -----------------
@@ -269,12 +270,13 @@ def test_taylor_importance_matches_autograd():
     assert all(w.grad is None for w in weights)
 
 
-@pytest.mark.parametrize("kind", ["channel", "wanda"])
+@pytest.mark.parametrize("kind", ["ffn_channel", "wanda", "sparsegpt"])
 def test_match_activated_pct(kind):
     model = tiny_llama()
-    fraction = fraction_for_activated_pct(model, 80.0)
-    summary = prune(model, kind, fraction, tokens(2, 8))
-    step = 100 * 2 * 3 * 32 / summary["reference_total_params"]  # one unit (channel) or one weight per row
+    fraction = fraction_for_activated_pct(model, 80.0, kind)
+    _, summary = prune(model, kind, fraction, tokens(2, 8))
+    # one unit per layer (ffn_channel), one weight per row (wanda) or per matrix (sparsegpt)
+    step = 100 * 2 * 3 * 32 / summary["reference_total_params"]
     assert summary["activated_params_pct"] == pytest.approx(80.0, abs=step)
     with pytest.raises(ValueError, match="cannot reach"):
         fraction_for_activated_pct(tiny_llama(), 5.0)
@@ -310,7 +312,7 @@ def test_cli_prune_and_drop(tmp_path, smollm2_tokenizer):
     tiny_llama().float().save_pretrained(model_dir)
     smollm2_tokenizer.save_pretrained(model_dir)
     out = tmp_path / "pruned"
-    assert main(["baseline", "prune", "--model", str(model_dir), "--kind", "channel", "--fraction", "0.25",
+    assert main(["baseline", "prune", "--model", str(model_dir), "--kind", "ffn_channel", "--fraction", "0.25",
                  "--data", str(data), "--calibration-sequences", "2", "--out", str(out)]) == 0
     summary = json.loads((out / "pruning.json").read_text())
     assert summary["intermediate_size"] == 48

@@ -166,3 +166,136 @@ def test_cli_prepare_and_its_errors(tmp_path, tokenizer, capsys):
     assert data.load_validation(tmp_path / "d")["stdlib-prose"].shape == (2, 16)
     assert main(args[:-1] + [str(tmp_path / "e"), "--set", "data.sources=[{name: x, kind: txt, path: /nonexistent/*.txt}]"]) == 2
     assert "no file matches '/nonexistent/*.txt'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- streamed (hf) sources: random, disjoint
+
+
+def write_shards(root, name, n_shards, per_shard):
+    """`n_shards` JSON-lines files of documents `"<name> <shard>-<i> ..."` (file order = shard, then i)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for shard in range(n_shards):
+        write_jsonl(root / f"shard{shard:02d}.jsonl",
+                    [f"{name} {shard}-{i} " + "word " * (5 + (shard * 7 + i) % 11) for i in range(per_shard)])
+    return sorted(f"{name} {s}-{i}" for s in range(n_shards) for i in range(per_shard))
+
+
+def doc_keys(stream, eos, tokenizer):
+    """The `"<name> <shard>-<i>"` key of every whole document in a token stream."""
+    return [" ".join(tokenizer.decode(d).split()[:2]) for d in split_documents(stream, eos)]
+
+
+def local_stream_source(root, **extra):
+    """An hf source over local JSON-lines files: `load_dataset("json", data_files=..., streaming=True)`."""
+    return {"name": "web", "kind": "hf", "path": "json", "data_files": str(root / "*.jsonl"), "shuffle_buffer": 16, **extra}
+
+
+def test_streamed_source_draws_validation_at_random_and_keeps_it_out_of_training(tmp_path, tokenizer):
+    pytest.importorskip("datasets")
+    keys = write_shards(tmp_path / "web", "web", n_shards=8, per_shard=25)
+    config = make_config([local_stream_source(tmp_path / "web")], seq_len=16, val_sequences=12, tokens=10**6)
+    manifest = data.prepare(config, tokenizer, tmp_path / "d")
+    eos = tokenizer.eos_token_id
+    train = doc_keys(np.load(tmp_path / "d" / "web" / "train.npy"), eos, tokenizer)
+    n_val = manifest["sources"]["web"]["val_documents"]
+    val_docs = data.source_documents(config["data"]["sources"][0], config["data"]["seed"])[0]
+    val = [" ".join(text.split()[:2]) for text, _ in zip(val_docs, range(n_val))]
+    assert sorted(val + train) == keys  # every document once: validation and training are disjoint
+    assert not set(val) & set(train) and len(set(train)) == len(train)
+    in_file_order = keys[:n_val]
+    assert val != in_file_order and len({key.split()[1].split("-")[0] for key in val}) >= 3  # not the first shard
+    # seeded: the same order again, another with another seed
+    again = data.source_documents(config["data"]["sources"][0], config["data"]["seed"])[0]
+    assert [" ".join(t.split()[:2]) for t, _ in zip(again, range(n_val))] == val
+    other = data.source_documents(config["data"]["sources"][0], config["data"]["seed"] + 1)[0]
+    assert [" ".join(t.split()[:2]) for t, _ in zip(other, range(n_val))] != val
+
+
+def test_data_dir_list_is_interleaved_from_every_part(tmp_path, tokenizer):
+    """StarCoder-style languages: each data_dir is streamed, shuffled and interleaved, not read in turn."""
+    pytest.importorskip("datasets")
+    for language in ("ada", "c", "python"):
+        write_shards(tmp_path / "code" / language, language, n_shards=3, per_shard=20)
+    source = {"name": "code", "kind": "hf", "path": "json", "data_dir": [str(tmp_path / "code" / lang) for lang in
+                                                                       ("ada", "c", "python")],
+              "data_dir_weights": [1, 1, 2], "shuffle_buffer": 8}
+    config = make_config([source])
+    first = [text.split()[0] for text, _ in zip(data.source_documents(config["data"]["sources"][0], 0)[0], range(40))]
+    counts = Counter(first)
+    assert set(counts) == {"ada", "c", "python"}  # alphabetical reading would give 40 times "ada"
+    assert counts["python"] > max(counts["ada"], counts["c"])  # weight 2 against 1
+    with pytest.raises(ValueError, match="2 data_dir_weights for 3 data_dir"):
+        data.prepare(make_config([{**source, "data_dir_weights": [1, 1]}]), tokenizer, tmp_path / "d")
+
+
+# ---------------------------------------------------------------- per-document truncation
+
+
+def test_truncate_mode_gives_one_document_per_sample_with_padding(tmp_path, smollm2_tokenizer):
+    texts = [f"document {i}: " + "alpha beta gamma " * (1 + 9 * (i % 3)) for i in range(60)]
+    write_jsonl(tmp_path / "c.jsonl", texts)
+    source = [{"name": "local", "kind": "jsonl", "path": str(tmp_path / "c.jsonl")}]
+    config = make_config(source, seq_len=24, val_sequences=4, tokens=10**5)
+    config["data"]["sample_mode"] = "truncate"
+    tokenizer = smollm2_tokenizer
+    manifest = data.prepare(config, tokenizer, tmp_path / "d")
+    assert manifest["sample_mode"] == "truncate"
+    train = data.load_train(tmp_path / "d")["local"]
+    val = data.load_validation(tmp_path / "d")["local"]
+    assert val.shape == (4, 24) and train.shape[1] == 24
+    assert manifest["sources"]["local"]["train_documents"] == len(train)  # one row per document
+    expected = {tuple(tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts}
+    for row in np.concatenate([val, train]):
+        tokens = row[row != data.PAD]
+        assert (row[len(tokens):] == data.PAD).all()  # padding only at the end
+        body = tuple(tokens[:-1]) if tokens[-1] == tokenizer.eos_token_id else tuple(tokens)
+        assert body in expected or any(doc[:24] == body for doc in expected)  # whole, or cut at seq_len
+    assert manifest["sources"]["local"]["train_padding"] == int((train == data.PAD).sum()) > 0
+
+
+class BosTokenizer:
+    """A character tokenizer that, like LLaMA's, puts BOS (1) first when asked for special tokens."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def __call__(self, texts, add_special_tokens=False, verbose=False):
+        single = isinstance(texts, str)
+        ids = [[1] * add_special_tokens + [10 + ord(c) % 50 for c in text] for text in ([texts] if single else texts)]
+        return {"input_ids": ids[0] if single else ids}
+
+
+def test_truncate_mode_adds_bos_as_the_tokenizer_does():
+    tokenizer = BosTokenizer()
+    truncated = [ids.tolist() for _, ids in data.tokenize_documents(["abc", ""], tokenizer, "truncate")]
+    assert truncated == [[1, 10 + ord("a") % 50, 10 + ord("b") % 50, 10 + ord("c") % 50, 2]]  # BOS ... EOS; "" skipped
+    packed = [ids.tolist() for _, ids in data.tokenize_documents(["abc"], tokenizer, "pack")]
+    assert packed == [truncated[0][1:]]  # packing: no BOS, EOS between documents
+    assert data.sample_row(np.arange(5, dtype=np.int32), 3).tolist() == [0, 1, 2]
+    assert data.sample_row(np.arange(2, dtype=np.int32), 4).tolist() == [0, 1, data.PAD, data.PAD]
+
+
+def test_model_inputs_mask_padding_and_leave_packed_batches_alone():
+    import torch
+
+    packed = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    assert set(data.model_inputs(packed)) == {"input_ids", "labels"}
+    padded = torch.tensor([[5, 6, data.PAD], [8, 9, 10]])
+    inputs = data.model_inputs(padded)
+    assert inputs["input_ids"].tolist() == [[5, 6, 0], [8, 9, 10]]
+    assert inputs["labels"].tolist() == [[5, 6, -100], [8, 9, 10]]
+    assert inputs["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_calibration_windows_of_a_padded_stream_hold_real_tokens_only(tmp_path):
+    rows = np.full((6, 8), data.PAD, dtype=np.int32)
+    for i in range(6):
+        rows[i, : 3 + i % 4] = 100 * (i + 1) + np.arange(3 + i % 4)
+    (tmp_path / "s").mkdir()
+    np.save(tmp_path / "s" / "train.npy", rows.reshape(-1))
+    np.save(tmp_path / "s" / "val.npy", rows[:1])
+    (tmp_path / "manifest.json").write_text(json.dumps({"seq_len": 8, "sample_mode": "truncate", "sources": {"s": {}}}))
+    windows = data.calibration_windows(tmp_path, 3)
+    assert windows.shape == (3, 8) and (windows != data.PAD).all()
+    real = set(rows[rows != data.PAD].tolist())
+    assert set(windows.reshape(-1).tolist()) <= real
+    assert windows[0, :3].tolist() == [100, 101, 102]  # from the first row on, its padding skipped

@@ -235,3 +235,30 @@ def test_from_dense_names_a_non_swiglu_module():
     mlp = nn.Sequential(nn.Linear(D_MODEL, D_FF), nn.GELU(), nn.Linear(D_FF, D_MODEL))
     with pytest.raises(TypeError, match=r"'blocks\.3\.ffn' is Sequential, not a SwiGLU MLP"):
         DSMoEMLP.from_dense(mlp, name="blocks.3.ffn")
+
+
+def test_no_gx_inference_rescale_drops_only_eq8():
+    """no_gx trained with Eq. 20 (no n/k); at inference Eq. 7 with Eq. 8's n/k (default) or without it."""
+    layer, _ = make_layer("no_gx")
+    x = torch.randn(40, D_MODEL, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    k = (torch.sigmoid(x @ layer.gate.weight.detach().T) > 0.5).sum(-1, keepdim=True)
+    assert layer.no_gx_inference_rescale is True
+    layer.eval()
+    with torch.no_grad():
+        rescaled = layer(x)
+        layer.no_gx_inference_rescale = False
+        unscaled = layer(x)
+    # rescaled = n/k x unscaled, token by token (k = 0: both 0)
+    torch.testing.assert_close(rescaled, unscaled * N_EXPERTS / k.clamp(min=1), rtol=1e-10, atol=1e-12)
+    assert ((k > 0) & (k < N_EXPERTS)).any()
+    layer.train()  # training is Eq. 20 either way
+    eq20 = reference_forward(x, layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight,
+                             layer.gate.weight, 0.5, "no_gx", True)
+    torch.testing.assert_close(layer(x), eq20, rtol=1e-10, atol=1e-12)
+    for variant in ("dsmoe", "no_ste"):  # the option touches no_gx only
+        other, _ = make_layer(variant)
+        other.eval().no_gx_inference_rescale = False
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), reference_forward(x, other.gate_proj.weight, other.up_proj.weight,
+                                                                   other.down_proj.weight, other.gate.weight, 0.5,
+                                                                   variant, False), rtol=1e-10, atol=1e-12)

@@ -249,3 +249,47 @@ def test_pruned_model_counts_activated_params_against_its_parent(tmp_path):
     (tmp_path / "pruning.json").write_text(_json.dumps({"activated_params": 6.0, "activated_params_pct": 60.0}))
     pruned = apply_pruning_record(summary, tmp_path)
     assert pruned["activated_params_pct"].tolist() == [60.0, 60.0] and pruned["activated_params"].tolist() == [6.0, 6.0]
+
+
+# ---------------------------------------------------------------- padded validation rows (sample_mode truncate)
+
+
+def test_padding_is_neither_predicted_nor_routed(byte_model):
+    from dsmoe.data import PAD
+
+    rows = byte_windows(TEXT["prose"], 16)[:6].copy()
+    lengths = [16, 9, 4, 12, 2, 16]
+    for row, n in zip(rows, lengths):
+        row[n:] = PAD
+    torch.manual_seed(2)
+    moe = dsmoe.convert(byte_model, n_experts=4, tau=0.5, gate_init_std=1.0).eval()
+    df = evaluate_ppl(moe, {"prose": rows}, batch_size=3, progress=False).set_index("source")
+    nll, tokens = reference_nll(moe, [row[:n] for row, n in zip(rows, lengths)])
+    assert df.loc["prose", "tokens"] == tokens == sum(n - 1 for n in lengths)
+    assert df.loc["prose", "ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    with dsmoe.RoutingRecorder(moe) as recorder:  # the same rows unpadded, one at a time
+        for row, n in zip(rows, lengths):
+            moe(torch.as_tensor(row[None, :n], dtype=torch.long))
+    assert df.loc["prose", "activated_params_pct"] == pytest.approx(recorder.report()["activated_params_pct"], rel=1e-9)
+
+
+# ---------------------------------------------------------------- Fig. 2 both ways
+
+
+def test_cli_sweep_no_gx_with_and_without_inference_rescale(tiny_model_dir, tmp_path):
+    model, tokenizer = dsmoe.load_model(str(tiny_model_dir))
+    torch.manual_seed(1)
+    dsmoe.convert(model, n_experts=4, tau=0.5, variant="no_gx", gate_init_std=1.0).save_pretrained(tmp_path / "no_gx")
+    tokenizer.save_pretrained(tmp_path / "no_gx")
+    data = write_data(tmp_path / "DATA")
+    curves = {}
+    for flag, label in (("true", "no_gx"), ("false", "no_gx_unscaled")):
+        out = tmp_path / f"{label}.csv"
+        assert cli.main(["eval", "sweep", "--model", str(tmp_path / "no_gx"), "--data", str(data), "--out", str(out),
+                         "--label", label, "--taus", "0.3", "0.6", "--no-gx-inference-rescale", flag]) == 0
+        curves[label] = pd.read_csv(out)
+    assert curves["no_gx"]["inference_rescale"].tolist() == [True, True]
+    assert curves["no_gx_unscaled"]["inference_rescale"].tolist() == [False, False]
+    assert set(curves["no_gx_unscaled"]["variant"]) == {"no_gx"} and set(curves["no_gx_unscaled"]["model"]) == {"no_gx_unscaled"}
+    assert not np.allclose(curves["no_gx"]["ppl"], curves["no_gx_unscaled"]["ppl"])  # two different curves
+    assert dsmoe.load_model(str(tmp_path / "no_gx"))[0].config.no_gx_inference_rescale is True  # checkpoint untouched

@@ -168,3 +168,20 @@ def test_generate_uses_the_cache_without_deprecation_warning(tiny_llama):
     for _ in range(4):
         reference = torch.cat([reference, model(reference).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, reference)
+
+
+def test_no_gx_inference_rescale_is_a_saved_config_option(tiny_llama, tmp_path):
+    model = dsmoe.convert(tiny_llama, n_experts=4, tau=0.5, variant="no_gx", gate_init_std=1.0,
+                          no_gx_inference_rescale=False).eval()
+    assert model.config.no_gx_inference_rescale is False
+    assert all(layer.no_gx_inference_rescale is False for layer in dsmoe.dsmoe_layers(model))
+    ids = torch.randint(0, 128, (2, 9))
+    unscaled = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.no_gx_inference_rescale is False and torch.equal(loaded(ids).logits, unscaled)
+    dsmoe.set_no_gx_inference_rescale(loaded, True)
+    assert loaded.config.no_gx_inference_rescale is True and not torch.equal(loaded(ids).logits, unscaled)
+    assert dsmoe.DSMoEConfig().no_gx_inference_rescale is True  # the default keeps Eq. 8 at inference
+    with pytest.raises(ValueError, match="true or false"):
+        dsmoe.set_no_gx_inference_rescale(loaded, "no")

@@ -13,10 +13,11 @@ from dsmoe import report
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 EXPECTED = {
-    "tables": [f"tables/{name}.{ext}" for name in ("table1", "table2", "table3", "table4", "claims")
-               for ext in ("csv", "md")],
-    "heatmaps": [f"figures/{name}.{ext}" for name in ("heatmap_dsmoe", "heatmap_no_ste", "heatmap_no_gx",
-                                                      "heatmap_topk", "layer_profile") for ext in ("png", "pdf")],
+    "tables": [f"tables/{name}.{ext}" for name in ("table1", "table2", "table3", "table4", "table5_6", "claims")
+               for ext in ("csv", "md")] + ["figures/token_curve.png", "figures/token_curve.pdf"],
+    "heatmaps": [f"figures/{name}.{ext}" for name in ("heatmap_dsmoe", "heatmap_no_ste", "heatmap_no_gx", "heatmap_topk",
+                                                      "heatmap_tasks_dsmoe", "heatmap_tasks_no_ste", "heatmap_tasks_no_gx",
+                                                      "layer_profile") for ext in ("png", "pdf")],
     "tau_curves": [f"figures/{name}.{ext}" for name in ("tau_curves", "no_gx_curve") for ext in ("png", "pdf")],
     "explorer": ["figures/explorer.png", "figures/explorer.pdf"],
 }
@@ -36,7 +37,7 @@ def test_notebook_is_paired_and_stripped(name):
 
 @pytest.fixture(scope="module")
 def smoke_results():
-    from test_workflow import smoke_workdir
+    from conftest import smoke_workdir
 
     return Path(smoke_workdir()) / "results" / "smoke"
 
@@ -57,15 +58,17 @@ def test_notebook_runs_on_smoke_results(name, smoke_results, tmp_path):
         path = run_dir / relative
         assert path.is_file() and path.stat().st_size > 0, f"{name} did not write {relative}"
     if name == "tables":
-        claims = pd.read_csv(run_dir / "tables" / "claims.csv")
-        assert len(claims) == 4 and set(claims["reproduced"]) <= {"yes", "no", "n/a"}
+        claims = pd.read_csv(run_dir / "tables" / "claims.csv", keep_default_na=False)  # "n/a" stays a string
+        assert len(claims) == 6 and set(claims["reproduced"]) <= {"yes", "no", "n/a"}
+        table56 = pd.read_csv(run_dir / "tables" / "table5_6.csv")
+        assert (table56["source"] == "this run").sum() == 4  # three milestones and the final model
 
 
 def test_paper_results_transcribed():
     paper = report.load_paper()
     table4 = {row["tau"]: row for row in paper["table4"]}
     assert table4[0.5]["llama1b_ppl"] == 7.41 and table4[0.5]["llama7b_activated_params_pct"] == 58.46
-    dsmoe_1b = next(r for r in paper["table1"] if r["base"] == "LLaMA-1B" and r["method"] == "DSMoE")
+    dsmoe_1b = next(r for r in paper["table1"]["rows"] if r["base"] == "LLaMA-1B" and r["method"] == "DSMoE")
     assert dsmoe_1b["activated_params"] == 735e6 and dsmoe_1b["params"] == 1.24e9
     rows = paper["table2"]["rows"]
     assert len(rows) == 12 and all(len(r["scores"]) == len(paper["table2"]["tasks"]) == 10 for r in rows)
@@ -89,13 +92,13 @@ def test_claims_yes_and_no():
     good = pd.concat([_sweep("dsmoe", [(0.3, 9.0, 65.0), (0.5, 10.0, 60.0), (0.7, 12.0, 55.0)]),
                       _sweep("no_gx", [(0.2, 15.0, 70.0), (0.5, 20.0, 58.0)])])
     claims = report.claims(ppl, good).set_index("claim")["reproduced"]
-    assert list(claims) == ["yes", "yes", "yes", "yes"]
+    assert list(claims) == ["yes", "yes", "yes", "yes", "n/a", "n/a"]  # no unscaled no-G sweep, no layers
 
     bad_ppl = _ppl_rows([("dsmoe", 13.0, 60.0), ("no_ste", 12.0, 60.0), ("topk", 9.0, 61.0)])
     bad = pd.concat([_sweep("dsmoe", [(0.3, 9.0, 65.0), (0.5, 8.0, 60.0), (0.7, 12.0, 62.0)]),
                      _sweep("no_gx", [(0.2, 5.0, 70.0), (0.5, 6.0, 58.0)])])
     claims = report.claims(bad_ppl, bad).set_index("claim")["reproduced"]
-    assert list(claims) == ["no", "no", "no", "no"]
+    assert list(claims) == ["no", "no", "no", "no", "n/a", "n/a"]
 
 
 def test_claims_interpolate_at_matched_activation():

@@ -6,7 +6,10 @@ Tiny random LLaMA (vocab 320, hidden 32, 2 layers) converted to 8 experts, on th
 import csv
 import json
 import logging
+import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +25,7 @@ import dsmoe
 from dsmoe import data
 from dsmoe.hub import save_model
 from dsmoe.config import validate_config
-from dsmoe.train import TrainingDiverged, param_groups, train
+from dsmoe.train import TrainingDiverged, param_groups, train, trainer
 from dsmoe.train.checkpoint import Resume, resume_point
 
 SEQ_LEN = 32
@@ -207,13 +210,146 @@ def fake_checkpoints(run_dir, steps, fingerprint):
 
 
 def test_resume_decision(tmp_path):
-    assert resume_point(tmp_path / "new", "abc") == Resume(None, discard=False)
+    assert resume_point(tmp_path / "new", "abc") == Resume((), discard=False)
     fake_checkpoints(tmp_path / "same", [2, 10, 4], "abc")
-    assert resume_point(tmp_path / "same", "abc") == Resume(tmp_path / "same" / "checkpoints" / "step_10", discard=False)
-    assert resume_point(tmp_path / "same", "abc", resume=False) == Resume(None, discard=True)
+    root = tmp_path / "same" / "checkpoints"
+    assert resume_point(tmp_path / "same", "abc") == Resume((root / "step_10", root / "step_4", root / "step_2"), False)
+    assert resume_point(tmp_path / "same", "abc", resume=False) == Resume((), discard=True)
+    (root / "step_10" / "trainer_state.json").unlink()  # damaged: skipped, the next one decides
+    assert resume_point(tmp_path / "same", "abc") == Resume((root / "step_4", root / "step_2"), False)
     fake_checkpoints(tmp_path / "other", [3], "xyz")
     with pytest.raises(ValueError, match="different config.*--overwrite"):
         resume_point(tmp_path / "other", "abc")
     with pytest.raises(ValueError, match="different config"):
         resume_point(tmp_path / "other", "abc", resume=False)  # --no-resume alone does not discard another config
-    assert resume_point(tmp_path / "other", "abc", overwrite=True) == Resume(None, discard=True)
+    assert resume_point(tmp_path / "other", "abc", overwrite=True) == Resume((), discard=True)
+    fake_checkpoints(tmp_path / "broken", [5], "abc")
+    (tmp_path / "broken" / "checkpoints" / "step_5" / "trainer_state.json").write_text("{trunc")
+    with pytest.raises(ValueError, match="no checkpoint.*readable trainer state.*--no-resume"):
+        resume_point(tmp_path / "broken", "abc")
+    assert resume_point(tmp_path / "broken", "abc", resume=False) == Resume((), discard=True)
+
+
+def checkpoint_weights(run_dir):
+    return {path.name: load_file(path / "model.safetensors") for path in sorted((run_dir / "checkpoints").glob("step_*"))}
+
+
+def all_finite(weights):
+    return all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_non_finite_gradient_stops_before_the_update(setup, tmp_path, monkeypatch):
+    """Issue 12.2: an overflowing gradient with a finite loss stops the run before the optimizer
+    writes non-finite weights; the good checkpoint stays (keep_checkpoints 1)."""
+    _, init, data_dir = setup
+    accumulate, calls = trainer.accumulate_gradients, []
+
+    def overflowing_at_step_3(accelerator, model, *args):
+        stats = accumulate(accelerator, model, *args)
+        calls.append(1)
+        if len(calls) == 3:  # a fault: one gradient entry overflows
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = math.inf
+        return stats
+
+    monkeypatch.setattr(trainer, "accumulate_gradients", overflowing_at_step_3)
+    with pytest.raises(TrainingDiverged, match=r"gradient norm is (inf|nan) at step 3.*Last good checkpoint: .*step_2"):
+        train(run_config(6, checkpoint_every=1, keep_checkpoints=1), init, data_dir, tmp_path / "run")
+    saved = checkpoint_weights(tmp_path / "run")
+    assert list(saved) == ["step_2"] and all_finite(saved["step_2"])
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_non_finite_weights_are_never_checkpointed(setup, tmp_path):
+    """Issue 12.2: an update that overflows the weights while loss and gradient are finite (lr 3e38 with
+    weight decay 10: the decay factor 1 - lr·wd overflows float32) writes no checkpoint of them, and
+    rotation keeps the last good one (keep_checkpoints 1)."""
+    _, init, data_dir = setup
+    settings = dict(lr=3e38, weight_decay=10.0, betas=[0.0, 0.0], warmup_steps=1, grad_clip=0.0,  # step 1: lr 0
+                    checkpoint_every=1, keep_checkpoints=1)
+    with pytest.raises(TrainingDiverged, match=r"weights are not finite after step 2; no checkpoint written.*step_1"):
+        train(run_config(6, **settings), init, data_dir, tmp_path / "run")
+    saved = checkpoint_weights(tmp_path / "run")
+    assert list(saved) == ["step_1"] and all_finite(saved["step_1"])
+
+
+def test_every_expert_off_stops_the_run(setup, tmp_path, caplog):
+    """Issue 12.2: every gate of every layer off (LM loss near ln(vocab)) for train.all_experts_off_steps
+    steps (default 50) is a silent divergence: a warning, and the run stops."""
+    dense, _, data_dir = setup
+    model, tokenizer = dsmoe.load_model(str(dense))
+    model = dsmoe.convert(model, n_experts=8, tau=0.9)
+    for layer in dsmoe.dsmoe_layers(model):
+        torch.nn.init.zeros_(layer.gate.weight)  # σ = 0.5 < τ: every expert off
+    save_model(model, tokenizer, tmp_path / "off")
+    with caplog.at_level(logging.WARNING), pytest.raises(TrainingDiverged, match="every expert of every layer has "
+                                                         "been off for 50 steps .to step 50.*ln.vocab"):
+        train(run_config(60, lr=1e-5, log_every=10), tmp_path / "off", data_dir, tmp_path / "run")
+    assert "every expert of every layer" in caplog.text
+    assert read_log(tmp_path / "run")[-1]["mean_active_fraction"] == 0.0
+    assert validate_config({})["train"]["all_experts_off_steps"] == 50
+    with pytest.raises(TrainingDiverged, match="off for 3 steps"):
+        train(run_config(60, lr=1e-5, all_experts_off_steps=3), tmp_path / "off", data_dir, tmp_path / "run3")
+
+
+def test_resume_skips_damaged_checkpoints(setup, tmp_path, caplog):
+    """Issue 12.3: a truncated newest checkpoint and one without its trainer state are skipped, named
+    with the cause, and set aside; the run resumes from the newest that loads and ends as an
+    uninterrupted run."""
+    _, init, data_dir = setup
+    config = run_config(8, checkpoint_every=2, keep_checkpoints=3)
+    run = tmp_path / "run"
+    train(config, init, data_dir, run)
+    whole = load_file(run / "model" / "model.safetensors")
+    shutil.rmtree(run / "model")
+    weights = run / "checkpoints" / "step_8" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated by a full disk
+    (run / "checkpoints" / "step_6" / "trainer_state.json").unlink()
+    with caplog.at_level(logging.INFO, logger="dsmoe.train"):
+        train(config, init, data_dir, run)
+    assert re.search(r"skipping checkpoint .*step_6: trainer_state.json is missing", caplog.text)
+    assert re.search(r"skipping checkpoint .*step_8: it does not load \(\w+", caplog.text)
+    assert re.search(r"resuming from .*step_4", caplog.text)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "damaged-step_6", "damaged-step_8", "step_4", "step_6", "step_8"]
+    resumed = load_file(run / "model" / "model.safetensors")
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6, msg=name)
+    assert [row["step"] for row in read_log(run)] == list(range(1, 9))
+
+
+def test_milestone_models_are_kept_and_evaluated(setup, tmp_path):
+    """Tables 5-6: the model at each token milestone stays while checkpoints rotate (keep_checkpoints 1)."""
+    import pandas as pd
+
+    from dsmoe import cli
+    from dsmoe.train.milestones import milestone_dirs, milestone_steps
+
+    _, init, data_dir = setup
+    tokens_per_step = 8 * SEQ_LEN
+    config = run_config(12, checkpoint_every=2, keep_checkpoints=1)
+    config["eval"]["milestone_tokens"] = [3 * tokens_per_step, 5.5 * tokens_per_step, 10**9]  # the last lies beyond
+    assert milestone_steps(config["eval"]["milestone_tokens"], tokens_per_step, 12) == {3: 3 * tokens_per_step,
+                                                                                         6: 5.5 * tokens_per_step}
+    run = tmp_path / "run"
+    train(config, init, data_dir, run, milestones=True)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_12"]
+    kept = milestone_dirs(run)
+    assert [info["step"] for _, info in kept] == [3, 6]
+    assert [info["tokens"] for _, info in kept] == [3 * tokens_per_step, 6 * tokens_per_step]
+    weights = [load_file(path / "model.safetensors")["model.layers.0.mlp.gate.weight"] for path, _ in kept]
+    final = load_file(run / "model" / "model.safetensors")["model.layers.0.mlp.gate.weight"]
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], final)
+
+    out = tmp_path / "milestones.csv"
+    assert cli.main(["eval", "milestones", "--run", str(run), "--data", str(data_dir), "--max-sequences", "2",
+                     "--out", str(out)]) == 0
+    df = pd.read_csv(out)
+    overall = df[df["source"] == "all"]
+    assert overall["step"].tolist() == [3, 6, 12] and overall["final"].tolist() == [False, False, True]
+    assert overall["train_tokens"].tolist() == [3 * tokens_per_step, 6 * tokens_per_step, 12 * tokens_per_step]
+    assert set(df["model"]) == {"run"} and set(df["variant"]) == {"dsmoe"} and (overall["ppl"] > 1).all()
+
+    # a fresh run of another milestone list replaces the old milestones
+    config["eval"]["milestone_tokens"] = [2 * tokens_per_step]
+    train(config, init, data_dir, run, milestones=True, resume=False)
+    assert [info["step"] for _, info in milestone_dirs(run)] == [2]

@@ -1,90 +1,26 @@
 """The Snakemake workflow: dry runs of every shipped config, lint, the smoke config end to end
 (locally and through a real single-node SLURM), and resuming an interrupted pretraining job."""
 
-import atexit
-import functools
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from conftest import ENV, LOCAL_SMOKE_ARGS, ROOT, SMOKE, assert_complete, snakemake  # noqa: F401
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "config").glob("*.yaml"))
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
-       "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-SMOKE = ROOT / "config" / "smoke.yaml"
-# One thread per job, so that --cores 2 runs two of the smoke run's tiny jobs at once.
-LOCAL_SMOKE_ARGS = ["--configfile", str(SMOKE), "--cores", "2", "--set-threads", "pretrain=1"]
-
-
-def snakemake(*args, workdir=None, env=None, timeout=600, check=True):
-    """Run snakemake from the repository root (where `--profile slurm` and profiles/ are found)."""
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
-    if workdir is not None:
-        cmd += ["--directory", str(workdir)]
-    result = subprocess.run(cmd + list(args), cwd=ROOT, env=env or ENV, capture_output=True, text=True,
-                            timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd + list(args))} failed ({result.returncode}):\n"
-                             f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
-    return result
-
-
-def planned_outputs(workdir, configfile):
-    """Every output file of the run's DAG, from `snakemake --summary`."""
-    summary = snakemake("--configfile", str(configfile), "--summary", workdir=workdir).stdout
-    rows = [line.split("\t") for line in summary.splitlines() if "\t" in line]
-    return [Path(workdir) / row[0] for row in rows[1:]]
-
-
-def assert_complete(workdir, configfile, run_name="smoke"):
-    outputs = planned_outputs(workdir, configfile)
-    assert len(outputs) > 40, outputs
-    for path in outputs:
-        assert path.exists(), f"{path} is missing"
-        if path.is_dir():
-            assert any(path.iterdir()), f"{path} is empty"
-        else:
-            assert path.stat().st_size > 0, f"{path} is empty"
-    results = Path(workdir) / "results" / run_name
-    for name in ("table1", "table2", "table3", "table4", "claims"):
-        assert (results / "tables" / f"{name}.md").stat().st_size > 0
-    for name in ("heatmap_dsmoe", "layer_profile", "tau_curves", "no_gx_curve", "explorer"):
-        assert (results / "figures" / f"{name}.png").stat().st_size > 0
-        assert (results / "figures" / f"{name}.pdf").stat().st_size > 0
-
-
-@functools.lru_cache(maxsize=None)
-def smoke_workdir():
-    """The smoke config run once per test session, locally; shared with tests/test_notebooks.py.
-
-    DSMOE_SMOKE_WORKDIR=DIR reuses (and brings up to date) the smoke run of an earlier session."""
-    if os.environ.get("DSMOE_SMOKE_WORKDIR"):
-        workdir = Path(os.environ["DSMOE_SMOKE_WORKDIR"])
-    else:
-        workdir = Path(tempfile.mkdtemp(prefix="dsmoe-smoke-"))
-        atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-    snakemake(*LOCAL_SMOKE_ARGS, workdir=workdir, timeout=1800)
-    return workdir
-
-
-@pytest.fixture(scope="session")
-def smoke_run():
-    return smoke_workdir()
 
 
 @pytest.mark.parametrize("configfile", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_dry_run(configfile, tmp_path):
     result = snakemake("--configfile", str(configfile), "-n", "--quiet", "rules", workdir=tmp_path)
-    for rule in ("run_config", "base_model", "data", "convert", "pretrain", "eval_ppl", "lm_eval", "tau_sweep",
-                 "prune", "drop_sweep", "collect", "notebook_tables", "notebook_explorer"):
+    for rule in ("base_model", "data", "convert", "pretrain", "eval_ppl", "lm_eval", "tau_sweep",
+                 "eval_milestones", "prune", "drop_sweep", "collect", "notebook_tables", "notebook_explorer"):
         assert rule in result.stdout, f"{configfile.name}: rule {rule} not planned"
 
 
@@ -94,7 +30,7 @@ def files_under(directory):
 
 @pytest.mark.parametrize("args", [["-n"], ["--lint"]], ids=["dry_run", "lint"])
 def test_parsing_writes_no_file(args, tmp_path):
-    """Nothing is written when the Snakefile is parsed: the run config is a rule's output.
+    """Nothing is written when the Snakefile is parsed: the run config is written when a run starts.
 
     Snakemake itself writes only under .snakemake/ (a dry run: its I/O cache; --lint: its log)."""
     snakemake("--configfile", str(SMOKE), *args, workdir=tmp_path)
@@ -162,6 +98,18 @@ def test_smoke_end_to_end_locally(smoke_run):
     report = Path(smoke_run) / "report.html"
     snakemake("--configfile", str(SMOKE), "--report", str(report), workdir=smoke_run)
     assert report.stat().st_size > 100_000 and "heatmap_dsmoe.png" in report.read_text(errors="replace")
+
+
+@pytest.mark.slow
+def test_config_change_reruns_only_its_readers(smoke_run, tmp_path):
+    """A new no-G τ grid reruns its sweep and what collects it, nothing else (dry run)."""
+    config = tmp_path / "smoke.yaml"
+    config.write_text(SMOKE.read_text().replace("no_gx_tau_sweep: [0.2, 0.5, 0.8]", "no_gx_tau_sweep: [0.2, 0.5, 0.9]"))
+    assert config.read_text() != SMOKE.read_text()
+    result = snakemake("--configfile", str(config), "-n", "--quiet", "rules", workdir=smoke_run)
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE))
+    assert jobs == {"tau_sweep": "1", "collect": "1", "notebook_tables": "1", "notebook_heatmaps": "1",
+                    "notebook_tau_curves": "1", "all": "1", "total": "6"}, result.stdout
 
 
 @pytest.mark.slow

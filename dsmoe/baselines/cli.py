@@ -6,10 +6,9 @@ The top-k (LLaMA-MoE) baseline is the `topk` variant of `dsmoe convert`, trained
 import json
 from pathlib import Path
 
-from ..atomic import atomic_dir, write_csv
+from ..atomic import atomic_dir, check_out, check_output_file, write_csv
 from ..config import schema_default
 from ..names import PRUNE_KINDS
-from ..outputs import check_output_file
 
 
 def cmd_drop(args):
@@ -38,6 +37,7 @@ def cmd_prune(args):
 
     if args.kind not in PRUNE_KINDS:
         raise ValueError(f"unknown pruning kind {args.kind!r}; choose one of {', '.join(PRUNE_KINDS)}")
+    check_out(args.out, "pruned", args.overwrite)
     if args.fraction is not None:
         check_fraction(args.fraction)
     target_pct = args.match_activated_pct
@@ -47,11 +47,12 @@ def cmd_prune(args):
     model, tokenizer = load_model(args.model)
     if model.config.model_type == "dsmoe":
         raise ValueError(f"{args.model} is a DSMoE model; pruning takes a dense causal LM")
-    fraction = args.fraction if args.fraction is not None else fraction_for_activated_pct(model, target_pct)
-    summary = {"source_model": str(args.model), **prune(model, args.kind, fraction, calibration, args.batch_size)}
+    fraction = args.fraction if args.fraction is not None else fraction_for_activated_pct(model, target_pct, args.kind)
+    model, summary = prune(model, args.kind, fraction, calibration, args.batch_size)
+    summary = {"source_model": str(args.model), **summary}
     if target_pct is not None:
         summary["target_activated_params_pct"] = target_pct
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out, "pruned", args.overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "pruning.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -78,11 +79,16 @@ def register(subparsers):
     p.add_argument("--out", required=True, help="output CSV: one row per threshold (written atomically)")
     p.set_defaults(func=cmd_drop)
 
-    p = commands.add_parser("prune", help="static FFN pruning (channel: LLM-Pruner style; wanda: unstructured)")
+    p = commands.add_parser("prune", help="static pruning: sparsegpt, llm_pruner_channel (the paper's rows), ffn_channel, wanda")
     p.add_argument("--model", required=True, help="dense causal LM: short name or directory")
-    p.add_argument("--kind", required=True, help="channel (narrower dense model) or wanda (zeroed weights)")
+    p.add_argument("--kind", required=True,
+                   help="sparsegpt (every decoder linear, unstructured, OBS reconstruction), llm_pruner_channel "
+                        "(the hidden size d, LLM-Pruner's channel mode: a narrower model), ffn_channel (FFN units by "
+                        "Taylor importance: a narrower dense model) or wanda (FFN weights, unstructured)")
     amount = p.add_mutually_exclusive_group(required=True)
-    amount.add_argument("--fraction", type=float, help="fraction of FFN parameters to remove, in [0, 1)")
+    amount.add_argument("--fraction", type=float,
+                        help="fraction to remove, in [0, 1), of the decoder linear weights (sparsegpt), hidden channels "
+                             "(llm_pruner_channel) or FFN weights")
     amount.add_argument("--match-activated-pct", type=float,
                         help="choose the fraction so that activated params are this %% of the dense model's (Table 1 count)")
     amount.add_argument("--match-ppl-csv", metavar="PPL_CSV",
@@ -93,4 +99,5 @@ def register(subparsers):
     p.add_argument("--calibration-seq-len", type=int, default=None, help="calibration sequence length (default: the data's seq_len)")
     p.add_argument("--batch-size", type=int, default=1, help="calibration sequences per forward (default 1)")
     p.add_argument("--out", required=True, help="output model directory, with pruning.json (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a dsmoe pruned model")
     p.set_defaults(func=cmd_prune)

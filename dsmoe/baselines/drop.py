@@ -1,4 +1,7 @@
-"""Training-free partition and drop: the DualSparse-MoE-style baseline (no router, no training).
+"""Training-free partition and drop (no router, no training), after DualSparse-MoE; not a paper row.
+
+It is an oracle on the dense FFN: it computes every expert's output to decide which to drop, so
+its rows (method `drop_oracle`) bound what a router could reach at no saving in compute.
 
 Each dense SwiGLU FFN is split into `n_experts` experts along its intermediate dimension, exactly
 as DSMoE splits it (expert i owns units [i*D/n, (i+1)*D/n)). Per token, expert i is dropped when

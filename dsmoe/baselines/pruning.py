@@ -1,15 +1,20 @@
-"""Static FFN pruning baselines at matched activated parameters (paper Tables 1-2).
+"""Static pruning baselines at matched activated parameters (paper Tables 1-2), and `prune()`.
 
-- Channel pruning (LLM-Pruner style, structured): remove the same number of intermediate units from
-  every FFN, chosen per layer by first-order Taylor importance: for unit j, Σ |w·∂L/∂w| over row j of
+- `sparsegpt` (the paper's SparseGPT row): every decoder linear layer, unstructured, with OBS
+  reconstruction layer by layer (`sparsegpt.py`).
+- `llm_pruner_channel` (the paper's LLM-Pruner-channel row): the hidden size d of the whole model,
+  by first-order Taylor importance (`llm_pruner.py`): a narrower model of the same class.
+- `ffn_channel` (not a paper row): remove the same number of intermediate units from every FFN,
+  chosen per layer by first-order Taylor importance: for unit j, Σ |w·∂L/∂w| over row j of
   gate_proj and up_proj and column j of down_proj, with ∂L/∂w the gradient of the LM loss summed
   over the calibration sequences. The result is a narrower dense model (uniform intermediate_size).
-- Wanda (unstructured): in every FFN projection, per output row, zero the weights with the smallest
-  |W_ij|·‖X_j‖₂, X the projection's input over all calibration tokens (gathered in one pass of the
-  unpruned model, not layer by layer). Shapes are unchanged.
+  LLM-Pruner's channel mode prunes the hidden size instead (`llm_pruner.py`).
+- `wanda` (not a paper row; Wanda on the FFNs only): in every FFN projection, per output row, zero
+  the weights with the smallest |W_ij|·‖X_j‖₂, X the projection's input over all calibration tokens
+  (gathered in one pass of the unpruned model, not layer by layer). Shapes are unchanged.
 
-Activated parameters follow Table 1: every parameter of the pruned model except zeroed FFN weights,
-as a percentage of the unpruned model's total (so channel pruning's total shrinks with it).
+Activated parameters follow Table 1: every parameter of the pruned model except zeroed decoder
+weights, as a percentage of the unpruned model's total (so a structured pruning's total shrinks with it).
 """
 
 import torch
@@ -17,6 +22,10 @@ from tqdm.auto import tqdm
 
 from ..model import check_swiglu, decoder_layers
 from ..names import PRUNE_KINDS as KINDS
+from ..names import UNSTRUCTURED_PRUNE_KINDS
+from .llm_pruner import hidden_params_per_channel, llm_pruner_channel
+from .sparsegpt import decoder_linear_param_count, layer_linears, sparsegpt
+
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -38,22 +47,30 @@ def ffn_param_count(model):
     return sum(getattr(mlp, name).weight.numel() for mlp in ffn_mlps(model) for name in PROJECTIONS)
 
 
-def fraction_for_activated_pct(model, pct):
-    """The FFN fraction to remove so that the pruned model activates `pct` % of `model`'s params."""
-    total, ffn = sum(p.numel() for p in model.parameters()), ffn_param_count(model)
+def prunable_param_count(model, kind):
+    """The parameters that pruning `kind` removes a fraction of: every decoder linear (sparsegpt), every
+    parameter carried by a hidden channel (llm_pruner_channel) or the FFNs."""
+    if kind == "llm_pruner_channel":
+        return hidden_params_per_channel(model) * model.config.hidden_size
+    return decoder_linear_param_count(model) if kind == "sparsegpt" else ffn_param_count(model)
+
+
+def fraction_for_activated_pct(model, pct, kind="ffn_channel"):
+    """The fraction of `kind`'s prunable params to remove so that `pct` % of `model`'s params stay."""
+    total, prunable = sum(p.numel() for p in model.parameters()), prunable_param_count(model, kind)
     if not 0.0 < float(pct) <= 100.0:
         raise ValueError(f"activated params percentage must lie in (0, 100], got {pct}")
-    fraction = (1.0 - float(pct) / 100.0) * total / ffn
+    fraction = (1.0 - float(pct) / 100.0) * total / prunable
     if fraction >= 1.0:
-        floor = 100.0 * (total - ffn) / total
-        raise ValueError(f"cannot reach {pct}% activated params by FFN pruning: removing every FFN leaves {floor:.2f}%")
+        floor = 100.0 * (total - prunable) / total
+        raise ValueError(f"cannot reach {pct}% activated params by {kind} pruning: removing all it prunes leaves {floor:.2f}%")
     return fraction
 
 
 def pruned_activated_params(model, reference_total):
-    """Table 1 count of a pruned model: its parameters minus zeroed FFN weights, vs `reference_total`."""
+    """Table 1 count of a pruned model: its parameters minus zeroed decoder linear weights, vs `reference_total`."""
     total = sum(p.numel() for p in model.parameters())
-    zeros = sum(int((getattr(mlp, name).weight == 0).sum()) for mlp in ffn_mlps(model) for name in PROJECTIONS)
+    zeros = sum(int((m.weight == 0).sum()) for layer in decoder_layers(model) for m in layer_linears(layer).values())
     activated = total - zeros
     return {"total_params": total, "reference_total_params": reference_total,
             "activated_params": float(activated), "activated_params_pct": 100.0 * activated / reference_total}
@@ -171,23 +188,35 @@ def prune_wanda(model, fraction, input_norms):
 
 
 def prune(model, kind, fraction, calibration, batch_size=1):
-    """Prune a dense causal LM in place; returns a summary dict (written as pruning.json)."""
+    """Prune a dense causal LM; returns `(pruned_model, summary)`, the summary written as pruning.json.
+
+    The model is pruned in place, except for llm_pruner_channel, which builds a narrower one."""
     if kind not in KINDS:
         raise ValueError(f"unknown pruning kind {kind!r}; choose one of {', '.join(KINDS)}")
     fraction = check_fraction(fraction)
     reference_total = sum(p.numel() for p in model.parameters())
-    if kind == "channel":
+    if kind == "llm_pruner_channel":
+        hidden = model.config.hidden_size
+        model, removed = llm_pruner_channel(model, int(round(fraction * hidden)), calibration, batch_size)
+        detail = {"importance": "first-order taylor |w*dL/dw| summed over the hidden-channel group (param_first, sum)",
+                  "removed_hidden_channels": len(removed), "hidden_size": model.config.hidden_size}
+    elif kind == "sparsegpt":
+        masks = sparsegpt(model, fraction, calibration, batch_size)
+        zeros = sum(int(m.sum()) for m in masks.values())
+        detail = {"importance": "sparsegpt OBS w^2/[H^-1]_jj^2, blocks of 128, 1% damping, sequential layers",
+                  "zeroed_decoder_linear_fraction": zeros / sum(m.numel() for m in masks.values())}
+    elif kind == "ffn_channel":
         removed = prune_channels(model, fraction, taylor_channel_importance(model, calibration, batch_size))
         detail = {"importance": "first-order taylor |w*dL/dw| over gate/up rows and down column",
                   "removed_units_per_layer": len(removed[0]) if removed else 0,
                   "intermediate_size": model.config.intermediate_size}
-    else:
+    elif kind == "wanda":
         masks = prune_wanda(model, fraction, wanda_input_norms(model, calibration, batch_size))
         zeros = sum(int(m.sum()) for m in masks.values())
         detail = {"importance": "wanda |W|*||X|| per output row", "zeroed_ffn_fraction": zeros / sum(m.numel() for m in masks.values())}
-    return {"kind": kind, "fraction": fraction, "calibration_sequences": len(calibration),
-            "calibration_seq_len": calibration.shape[1], **detail, **pruned_activated_params(model, reference_total)}
+    return model, {"kind": kind, "fraction": fraction, "calibration_sequences": len(calibration),
+                   "calibration_seq_len": calibration.shape[1], **detail, **pruned_activated_params(model, reference_total)}
 
 
-__all__ = ["KINDS", "check_fraction", "fraction_for_activated_pct", "prune", "prune_channels",
+__all__ = ["KINDS", "UNSTRUCTURED_PRUNE_KINDS", "check_fraction", "prunable_param_count", "fraction_for_activated_pct", "prune", "prune_channels",
            "prune_wanda", "pruned_activated_params", "taylor_channel_importance", "wanda_input_norms"]

@@ -1,10 +1,17 @@
 """`dsmoe data prepare`: a weighted mixture of text sources, tokenised, split, packed and cached.
 
 Each source (`dsmoe.data.sources`) is split into validation and training by document, never inside
-one. Validation takes documents from the front of the source's order until it holds
-`val_sequences * seq_len` tokens (at most half of a finite source); training takes the rest, up to
-the source's share of the token budget. Documents are tokenised with the model's tokenizer, joined
-with EOS and packed without gaps or overlap into the layout of `dsmoe.data.prepared`.
+one. Validation takes documents from the front of the source's order (a seeded random order: hash
+order for finite sources, `datasets`' shuffle for streamed ones) until it holds `val_sequences`
+sequences (at most half of a finite source); training takes the rest, up to the source's share of
+the token budget. `data.sample_mode` says how documents become sequences of `seq_len` tokens:
+
+- `pack`: each document's tokens followed by EOS, joined and cut into consecutive windows without
+  gaps or overlap (a document may span two sequences);
+- `truncate`: one document per sequence, tokenised with the tokenizer's own special tokens (BOS
+  for LLaMA), EOS appended, cut at `seq_len` and padded with `PAD` (-1), which every reader masks.
+
+Both write the layout of `dsmoe.data.prepared`.
 """
 
 import hashlib
@@ -17,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_dir
-from .prepared import pack
+from ..atomic import atomic_dir, check_out
+from .prepared import PAD, pack
 from .sources import source_documents
 
 logger = logging.getLogger(__name__)
@@ -33,38 +40,51 @@ def tokenizer_fingerprint(tokenizer):
     return hashlib.sha256(vocab.encode()).hexdigest()[:16]
 
 
-def tokenize_documents(texts, tokenizer):
-    """Yield one int32 array per non-empty document: its tokens followed by EOS."""
+def tokenize_documents(texts, tokenizer, sample_mode="pack"):
+    """Yield `(chars, ids)` per non-empty document: its tokens (with the tokenizer's special tokens,
+    such as BOS, when `sample_mode` is truncate) followed by EOS, as int32."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token to separate documents")
+    special = sample_mode == "truncate"
+    n_special = len(tokenizer("", add_special_tokens=True)["input_ids"]) if special else 0
     batch = []
     for text in texts:
         batch.append(text)
         if len(batch) == TOKENIZE_BATCH:
-            yield from _tokenize_batch(batch, tokenizer)
+            yield from _tokenize_batch(batch, tokenizer, special, n_special)
             batch = []
-    yield from _tokenize_batch(batch, tokenizer)
+    yield from _tokenize_batch(batch, tokenizer, special, n_special)
 
 
-def _tokenize_batch(texts, tokenizer):
+def _tokenize_batch(texts, tokenizer, special, n_special):
     if not texts:
         return
-    for text, ids in zip(texts, tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]):
-        if ids:
+    for text, ids in zip(texts, tokenizer(texts, add_special_tokens=special, verbose=False)["input_ids"]):
+        if len(ids) > n_special:
             yield len(text), np.asarray([*ids, tokenizer.eos_token_id], dtype=np.int32)
 
 
-def prepare_source(source, tokenizer, seq_len, val_sequences, train_cap, out_dir):
-    """Tokenise one source into `out_dir/{val,train}.npy`; return its manifest entry."""
-    name = source["name"]
-    documents, total_chars = source_documents(source)
+def sample_row(ids, seq_len):
+    """One document as one sequence (sample_mode truncate): its first `seq_len` tokens, padded with PAD."""
+    row = np.full(seq_len, PAD, dtype=np.int32)
+    row[: min(len(ids), seq_len)] = ids[:seq_len]
+    return row
+
+
+def prepare_source(source, tokenizer, data, train_cap, out_dir):
+    """Tokenise one source into `out_dir/{val,train}.npy`; return its manifest entry.
+
+    Sizes count token slots: in truncate mode each document fills one row of `seq_len`, padding included."""
+    name, seq_len, val_sequences, mode = source["name"], data["seq_len"], data["val_sequences"], data["sample_mode"]
+    documents, total_chars = source_documents(source, data["seed"])
     val_chars_limit = total_chars // 2 if total_chars is not None else math.inf
     val_target = val_sequences * seq_len
-    val, n_val_tokens, val_chars, n_train, counts = [], 0, 0, 0, {"val": 0, "train": 0}
+    val, n_val_tokens, val_chars, n_train, padding, counts = [], 0, 0, 0, 0, {"val": 0, "train": 0}
     out_dir.mkdir(parents=True)
     raw_train = out_dir / "train.bin"
     with open(raw_train, "wb") as train_file, tqdm(total=val_target + train_cap, unit="tok", desc=name, leave=False) as bar:
-        for chars, ids in tokenize_documents(documents, tokenizer):
+        for chars, ids in tokenize_documents(documents, tokenizer, mode):
+            ids = sample_row(ids, seq_len) if mode == "truncate" else ids
             if counts["train"] == 0 and n_val_tokens < val_target and val_chars + chars <= val_chars_limit:
                 val.append(ids)
                 n_val_tokens += len(ids)
@@ -73,6 +93,7 @@ def prepare_source(source, tokenizer, seq_len, val_sequences, train_cap, out_dir
             else:
                 train_file.write(ids.tobytes())
                 n_train += len(ids)
+                padding += int(np.count_nonzero(ids == PAD))
                 counts["train"] += 1
             bar.update(len(ids))
             if n_train >= train_cap:
@@ -93,7 +114,7 @@ def prepare_source(source, tokenizer, seq_len, val_sequences, train_cap, out_dir
     train.flush()
     del train
     raw_train.unlink()
-    return {"kind": source["kind"], "train_tokens": int(n_train), "val_sequences": int(len(val_array)),
+    return {"kind": source["kind"], "train_tokens": int(n_train), "train_padding": padding, "val_sequences": int(len(val_array)),
             "weight": float(source["weight"]), "train_documents": counts["train"], "val_documents": counts["val"]}
 
 
@@ -108,12 +129,14 @@ def train_caps(config):
 def data_fingerprint(config, tokenizer):
     spec = {"data": config["data"], "caps": train_caps(config), "tokenizer": tokenizer_fingerprint(tokenizer),
             "python": sys.version if any(s["kind"] == "builtin" for s in config["data"]["sources"]) else None,
-            "format": 1}
+            "special_tokens": tokenizer("", add_special_tokens=True)["input_ids"], "format": 2}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare(config, tokenizer, out):
-    """Tokenise every source of `config["data"]` into the cache `out`; a no-op if it is up to date."""
+def prepare(config, tokenizer, out, overwrite=False):
+    """Tokenise every source of `config["data"]` into the cache `out`; a no-op if it is up to date.
+
+    An existing `out` that is not a dsmoe data output is refused unless `overwrite`."""
     out = Path(out)
     data, caps = config["data"], train_caps(config)
     names = [s["name"] for s in data["sources"]]
@@ -124,12 +147,13 @@ def prepare(config, tokenizer, out):
     if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
         logger.info("%s is up to date (fingerprint %s)", out, fingerprint)
         return json.loads(manifest_path.read_text())
-    manifest = {"seq_len": data["seq_len"], "tokenizer": str(tokenizer.name_or_path), "fingerprint": fingerprint,
+    check_out(out, "data", overwrite)
+    manifest = {"seq_len": data["seq_len"], "sample_mode": data["sample_mode"], "tokenizer": str(tokenizer.name_or_path), "fingerprint": fingerprint,
                 "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "sources": {}}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "data", overwrite) as tmp:
         for source in data["sources"]:
-            manifest["sources"][source["name"]] = prepare_source(
-                source, tokenizer, data["seq_len"], data["val_sequences"], caps[source["name"]], tmp / source["name"])
+            manifest["sources"][source["name"]] = prepare_source(source, tokenizer, data, caps[source["name"]],
+                                                                 tmp / source["name"])
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -145,6 +169,7 @@ def register(subparsers):
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. data.seq_len=256")
     q.add_argument("--model", required=True, help="model directory or short name whose tokenizer to use")
     q.add_argument("--out", required=True, help="data directory (written atomically; reused when up to date)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not dsmoe data")
     q.set_defaults(func=cmd_prepare)
 
 
@@ -153,7 +178,7 @@ def cmd_prepare(args):
     from ..hub import load_tokenizer
 
     config = load_config(args.config, parse_overrides(args.set))
-    manifest = prepare(config, load_tokenizer(args.model), args.out)
+    manifest = prepare(config, load_tokenizer(args.model), args.out, args.overwrite)
     for name, entry in manifest["sources"].items():
         print(f"{name}: {entry['train_tokens']:,} training tokens, {entry['val_sequences']} validation sequences")
     print(f"wrote {args.out} (fingerprint {manifest['fingerprint']})")

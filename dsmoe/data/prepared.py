@@ -1,11 +1,13 @@
 """The prepared-data contract: what `dsmoe data prepare` writes and every stage reads.
 
-    DATA/manifest.json        {"seq_len", "tokenizer", "fingerprint", "sources": {name: {...}}}
-    DATA/<source>/train.npy   1-D int32 token stream
+    DATA/manifest.json        {"seq_len", "sample_mode", "tokenizer", "fingerprint", "sources": {name: {...}}}
+    DATA/<source>/train.npy   1-D int32 token stream (sample_mode truncate: rows of seq_len, PAD-filled)
     DATA/<source>/val.npy     2-D int32 array (n_val, seq_len)
 
-Readers: the manifest, the validation windows (perplexity, sweeps, drop), the training sequences
-and their mixture sampler (training), and the calibration windows (gate init, pruning).
+Padding (`PAD`, -1) appears only with `sample_mode: truncate`; `model_inputs` turns a batch into
+forward arguments that mask it. Readers: the manifest, the validation windows (perplexity, sweeps,
+drop), the training sequences and their mixture sampler (training), and the calibration windows
+(gate init, pruning).
 """
 
 import json
@@ -13,6 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+PAD = -1  # padding of a truncated document's row: no token, masked from loss, perplexity and routing counts
+
+
+def model_inputs(ids):
+    """Forward arguments of a batch of prepared sequences (LongTensor B x T): `input_ids` and `labels`,
+    and, when the batch holds PAD, an `attention_mask` that hides it (PAD becomes token 0, label -100).
+    A batch without PAD gets no mask, so packed data runs exactly as before."""
+    pad = ids == PAD
+    if not bool(pad.any()):
+        return {"input_ids": ids, "labels": ids}
+    return {"input_ids": ids.masked_fill(pad, 0), "labels": ids.masked_fill(pad, -100), "attention_mask": (~pad).long()}
 
 
 def pack(stream, seq_len):
@@ -59,7 +74,8 @@ def load_validation(data_dir):
 
 
 def load_train(data_dir):
-    """`{source: (n_train, seq_len) int32 array}`: each training stream packed into sequences (memory-mapped)."""
+    """`{source: (n_train, seq_len) int32 array}`: each training stream packed into sequences (memory-mapped);
+    a truncate-mode stream is its rows, so packing gives them back."""
     manifest = read_manifest(data_dir)
     return {name: pack(load_array(Path(data_dir) / name / "train.npy"), manifest["seq_len"])
             for name in manifest["sources"]}
@@ -68,7 +84,9 @@ def load_train(data_dir):
 def calibration_windows(data_dir, n_sequences, seq_len=None):
     """`n_sequences` token windows (LongTensor N x seq_len) from DATA/<source>/train.npy.
 
-    Sources take turns; each source's windows are spaced evenly over its token stream."""
+    Sources take turns; each source's windows are spaced evenly over its token stream. Padded
+    (truncate-mode) streams give windows of real tokens only: the rows from the window's start on,
+    without their padding, joined (`_unpadded_window`)."""
     manifest = read_manifest(data_dir)
     seq_len = int(seq_len or manifest["seq_len"])
     if isinstance(n_sequences, bool) or not isinstance(n_sequences, int) or n_sequences < 1:
@@ -83,9 +101,22 @@ def calibration_windows(data_dir, n_sequences, seq_len=None):
         stream = load_array(path)
         if stream.ndim != 1 or len(stream) < seq_len:
             raise ValueError(f"{path} must be a 1-D token stream of at least seq_len={seq_len} tokens, got shape {stream.shape}")
+        padded = manifest.get("sample_mode") == "truncate"
         for start in np.linspace(0, len(stream) - seq_len, count).astype(np.int64):
-            windows.append(np.asarray(stream[start : start + seq_len], dtype=np.int64))
+            window = _unpadded_window(stream, start, seq_len, manifest["seq_len"]) if padded else stream[start : start + seq_len]
+            windows.append(np.asarray(window, dtype=np.int64))
     return torch.from_numpy(np.stack(windows))
+
+
+def _unpadded_window(stream, start, seq_len, row_len):
+    """`seq_len` real tokens of a padded stream of rows, read from the row holding `start` on (wrapping)."""
+    rows, tokens, row = len(stream) // row_len, [], int(start) // row_len
+    for i in range(rows):
+        chunk = np.asarray(stream[((row + i) % rows) * row_len:][:row_len])
+        tokens.append(chunk[chunk != PAD])
+        if sum(map(len, tokens)) >= seq_len:
+            return np.concatenate(tokens)[:seq_len]
+    raise ValueError(f"a padded training stream holds fewer than seq_len={seq_len} real tokens")
 
 
 class MixtureSampler:

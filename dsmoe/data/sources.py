@@ -3,10 +3,11 @@
   - builtin `stdlib-code` (the running Python's stdlib `.py` files) and `stdlib-prose`
     (`pydoc_data.topics`), offline;
   - local `txt` (one document per file), `jsonl` and `parquet` files (a glob; `text_field`);
-  - `hf`: a Hugging Face dataset id, streamed (needs the optional `datasets` extra).
+  - `hf`: a Hugging Face dataset id (or `json`/`parquet` with `data_files`), streamed through
+    `datasets` (the optional `datasets` extra), shuffled and, for a `data_dir` list, interleaved.
 
 Finite sources (builtin, local) order their documents by a hash of a stable key (relative path,
-topic, file:row); streamed ones keep stream order.
+topic, file:row); streamed ones in the seeded order of `datasets`' shuffle (`hf_stream`).
 
 Local `txt` and `jsonl` files are read as UTF-8: a file with a few undecodable bytes is read with
 U+FFFD in their place and a warning; one with more than `MAX_INVALID_UTF8` of its bytes undecodable
@@ -126,18 +127,48 @@ def local_documents(source):
     return _hash_ordered(documents)
 
 
-def hf_documents(source):
-    """Stream a Hugging Face dataset's texts in stream order (deterministic without shuffling)."""
-    if importlib.util.find_spec("datasets") is None:
-        raise ValueError(f"source {source['name']!r} streams a Hugging Face dataset: pip install 'dsmoe[datasets]'")
+def hf_stream(source, seed):
+    """A Hugging Face dataset as a shuffled `IterableDataset` (datasets' own streaming tools).
+
+    `shuffle(seed, buffer_size)` shuffles the order of the shards and then the examples through a
+    buffer; a `data_dir` list (StarCoder languages) streams each part, shuffled, and
+    `interleave_datasets` draws from them with `data_dir_weights` (equal when null). Both stopping
+    strategies read every document at most once, so the validation documents (the front of this
+    stream) never reappear in training."""
     import datasets
 
+    data_dirs, weights = _hf_parts(source)
+    buffer = source.get("shuffle_buffer", 10000)
+    parts = [datasets.load_dataset(source["path"], source.get("subset"), split=source.get("split", "train"), data_dir=data_dir,
+                                   data_files=source.get("data_files"), streaming=True).shuffle(seed=seed + i, buffer_size=buffer)
+             for i, data_dir in enumerate(data_dirs)]
+    if len(parts) == 1:
+        return parts[0]
+    return datasets.interleave_datasets(parts, probabilities=[w / sum(weights) for w in weights], seed=seed,
+                                        stopping_strategy=source.get("stopping_strategy", "first_exhausted"))
+
+
+def _hf_parts(source):
+    """The `data_dir` entries of an hf source (one None when unset) and their interleaving weights."""
+    name = source["name"]
+    if not source.get("path"):
+        raise ValueError(f"source {name!r} (hf) needs `path`, the dataset id (or json/parquet with data_files)")
+    data_dirs = source.get("data_dir")
+    data_dirs = data_dirs if isinstance(data_dirs, list) else [data_dirs]
+    weights = source.get("data_dir_weights")
+    if weights is not None and len(weights) != len(data_dirs):
+        raise ValueError(f"source {name!r}: {len(weights)} data_dir_weights for {len(data_dirs)} data_dir entries")
+    return data_dirs, [1.0] * len(data_dirs) if weights is None else [float(w) for w in weights]
+
+
+def hf_documents(source, seed=0):
+    """Stream a Hugging Face dataset's texts in a seeded random order (`hf_stream`)."""
+    if importlib.util.find_spec("datasets") is None:
+        raise ValueError(f"source {source['name']!r} streams a Hugging Face dataset: pip install 'dsmoe[datasets]'")
     dataset_id, field = source.get("path"), source.get("text_field", "text")
-    if not dataset_id:
-        raise ValueError(f"source {source['name']!r} (hf) needs `path`, the dataset id")
+    _hf_parts(source)
     try:
-        stream = datasets.load_dataset(dataset_id, source.get("subset"), split=source.get("split", "train"),
-                                       data_dir=source.get("data_dir"), streaming=True)
+        stream = hf_stream(source, seed)
         first = next(iter(stream))
     except StopIteration:
         raise ValueError(f"source {source['name']!r}: Hugging Face dataset {dataset_id!r} is empty") from None
@@ -147,8 +178,10 @@ def hf_documents(source):
     return (_text_of(record, field, f"{dataset_id} record {i}") for i, record in enumerate(stream))
 
 
-def source_documents(source):
-    """`(documents, total_chars)`: document texts in split order, and their total size when finite."""
+def source_documents(source, seed=0):
+    """`(documents, total_chars)`: document texts in split order, and their total size when finite.
+
+    `seed` orders the streamed (hf) sources; finite ones keep their hash order."""
     kind = source["kind"]
     if kind == "builtin":
         builders = {"stdlib-code": stdlib_code_documents, "stdlib-prose": stdlib_prose_documents}
@@ -156,7 +189,7 @@ def source_documents(source):
             raise ValueError(f"unknown builtin source {source['name']!r}; choose one of {', '.join(BUILTIN_SOURCES)}")
         documents = builders[source["name"]]()
     elif kind == "hf":
-        return hf_documents(source), None
+        return hf_documents(source, seed), None
     else:
         documents = local_documents(source)
     total_chars = sum(len(text) for text in documents)

@@ -1,4 +1,4 @@
-"""`dsmoe eval ppl | sweep | lm-eval`: evaluate a checkpoint and write tidy CSVs.
+"""`dsmoe eval ppl | sweep | lm-eval | milestones`: evaluate a checkpoint and write tidy CSVs.
 
 Every command skips its work when a stamp says that its inputs have not changed since the last run.
 The `model` column holds a label (the checkpoint's directory name by default), the `variant` column
@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_file, write_csv
-from ..model import check_tau, dsmoe_layers
+from ..atomic import atomic_file, check_output_dir, check_output_file, write_csv
+from ..model import TOPK_VARIANTS, check_tau, dsmoe_layers
 from ..names import DENSE, DENSE_METHODS
-from ..outputs import check_output_dir, check_output_file
 from .stamps import fingerprint, up_to_date, write_stamp
 
 
@@ -29,7 +28,7 @@ def model_method(model, label=None):
 def model_tau(model):
     """The threshold τ of a DSMoE model; NaN for a dense model and for topk (τ plays no part)."""
     layers = dsmoe_layers(model)
-    return float(layers[0].tau) if layers and layers[0].variant != "topk" else math.nan
+    return float(layers[0].tau) if layers and layers[0].variant not in TOPK_VARIANTS else math.nan
 
 
 def model_label(model_path):
@@ -59,15 +58,23 @@ def resolve_device(name="auto"):
     return str(device)
 
 
-def load_for_eval(model_path, dtype="auto", device="auto", tau=None, tokenizer=True):
+def load_for_eval(model_path, dtype="auto", device="auto", tau=None, no_gx_inference_rescale=None, tokenizer=True):
     from ..hub import load_model, resolve_dtype
-    from ..model import set_tau
+    from ..model import set_no_gx_inference_rescale, set_tau
 
     model, tokenizer = load_model(str(model_path), dtype=resolve_dtype(dtype), tokenizer=tokenizer)
     model.to(resolve_device(device)).eval()
     if tau is not None:
         set_tau(model, tau)
+    if no_gx_inference_rescale is not None and dsmoe_layers(model):
+        set_no_gx_inference_rescale(model, no_gx_inference_rescale)
     return model, tokenizer
+
+
+def inference_rescale(model):
+    """Whether the model applies Eq. 8's n/k at inference: always, except a no_gx model with it off."""
+    layers = dsmoe_layers(model)
+    return not layers or layers[0].variant != "no_gx" or bool(layers[0].no_gx_inference_rescale)
 
 
 def apply_pruning_record(summary, model_path):
@@ -94,6 +101,10 @@ def add_model_args(p, tau_help="set the DSMoE threshold τ in (0, 1) before eval
     p.add_argument("--device", default="auto", help="torch device, or auto: cuda if available else cpu (default auto)")
     if tau_help:
         p.add_argument("--tau", type=float, default=None, help=tau_help)
+    from ..convert import parse_bool
+
+    p.add_argument("--no-gx-inference-rescale", type=parse_bool, default=None, metavar="{true,false}",
+                   help="no_gx models: apply Eq. 8's n/k at inference or not (default: the checkpoint's setting)")
 
 
 def add_data_args(p):
@@ -134,8 +145,20 @@ def register(subparsers):
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N items per task (default all)")
     p.add_argument("--storycloze-dir", default=None,
                    help=f"Story Cloze 2016 data dir for storycloze_2016 (default: ${STORYCLOZE_ENV}; unset: the task is skipped)")
-    p.add_argument("--out", required=True, help="output directory: results.json (lm-eval's) and bench.csv (written atomically)")
+    p.add_argument("--out", required=True, help="output directory: results.json (lm-eval's), bench.csv and bench_layers.csv "
+                                               "(per task and layer mean active experts; written atomically)")
     p.set_defaults(func=cmd_lm_eval)
+
+    p = commands.add_parser("milestones", help="perplexity of a run's models kept at token milestones (Tables 5-6)")
+    p.add_argument("--run", required=True, help="run directory of `dsmoe train --milestones` (milestones/, model/, train_log.csv)")
+    p.add_argument("--label", default=None, help="value of the `model` column (default: the run directory's name)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype; auto is bfloat16 on CUDA, float32 on CPU (default auto)")
+    p.add_argument("--device", default="auto", help="torch device, or auto: cuda if available else cpu (default auto)")
+    add_data_args(p)
+    p.add_argument("--out", required=True, help="output CSV: one row per model and validation source (written atomically)")
+    p.set_defaults(func=cmd_milestones)
 
 
 def _check_args(args):
@@ -166,11 +189,11 @@ def cmd_ppl(args):
     outputs = [out / "ppl.csv", out / "layers.csv"]
     validation = load_validation(args.data)
     key = fingerprint([args.model, args.data], command="ppl", tau=args.tau, label=args.label, variant=args.variant,
-                      max_sequences=args.max_sequences, dtype=args.dtype)
+                      max_sequences=args.max_sequences, dtype=args.dtype, rescale=args.no_gx_inference_rescale)
     if up_to_date(out / ".ppl.stamp.json", key, outputs):
         print(f"{out}: up to date, nothing to do")
         return
-    model, _ = load_for_eval(args.model, args.dtype, args.device, args.tau, tokenizer=False)
+    model, _ = load_for_eval(args.model, args.dtype, args.device, args.tau, args.no_gx_inference_rescale, tokenizer=False)
     df = evaluate_ppl(model, validation, args.batch_size, args.max_sequences)
     front = ["model", "variant", "tau"]
     summary = apply_pruning_record(_columns(df, model, args), args.model)
@@ -193,16 +216,18 @@ def cmd_sweep(args):
     stamp = out.with_name(f".{out.name}.stamp.json")
     validation = load_validation(args.data)
     key = fingerprint([args.model, args.data], command="sweep", taus=args.taus, label=args.label, variant=args.variant,
-                      max_sequences=args.max_sequences, dtype=args.dtype, layers_out=args.layers_out)
+                      max_sequences=args.max_sequences, dtype=args.dtype, layers_out=args.layers_out,
+                      rescale=args.no_gx_inference_rescale)
     if up_to_date(stamp, key, outputs):
         print(f"{out}: up to date, nothing to do")
         return
-    model, _ = load_for_eval(args.model, args.dtype, args.device, tokenizer=False)
+    model, _ = load_for_eval(args.model, args.dtype, args.device, no_gx_inference_rescale=args.no_gx_inference_rescale,
+                             tokenizer=False)
     df = sweep_tau(model, validation, args.taus, args.batch_size, args.max_sequences)
     layers = df.attrs["layers"]
     label = args.label or model_label(args.model)
     variant = args.variant or model_method(model, label)
-    df = df.assign(model=label, variant=variant)
+    df = df.assign(model=label, variant=variant, inference_rescale=inference_rescale(model))
     write_csv(df[["model", "variant"] + [c for c in df.columns if c not in ("model", "variant")]], out)
     if args.layers_out:
         layers = layers.assign(model=label, variant=variant)
@@ -212,21 +237,22 @@ def cmd_sweep(args):
 
 
 def cmd_lm_eval(args):
-    from .harness import CSV_COLUMNS, STORYCLOZE_ENV, TASKS_DIR, run_bench, select_tasks
+    from .harness import CSV_COLUMNS, STORYCLOZE_ENV, TASKS_DIR, bench_layers, run_bench, select_tasks
 
     _check_args(args)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be positive, got {args.limit}")
     tasks = select_tasks(args.suite, args.tasks, args.num_fewshot)
-    out = check_output_dir(args.out, ["results.json", "bench.csv"])
-    outputs, stamp = [out / "results.json", out / "bench.csv"], out / ".bench.stamp.json"
+    out = check_output_dir(args.out, ["results.json", "bench.csv", "bench_layers.csv"])
+    outputs, stamp = [out / "results.json", out / "bench.csv", out / "bench_layers.csv"], out / ".bench.stamp.json"
     storycloze_dir = args.storycloze_dir or os.environ.get(STORYCLOZE_ENV)
-    task_key = fingerprint([args.model, TASKS_DIR], tau=args.tau, limit=args.limit, dtype=args.dtype, storycloze_dir=storycloze_dir)
+    task_key = fingerprint([args.model, TASKS_DIR], tau=args.tau, limit=args.limit, dtype=args.dtype, storycloze_dir=storycloze_dir,
+                           rescale=args.no_gx_inference_rescale)
     key = fingerprint([args.model, TASKS_DIR], tasks=tasks, task_key=task_key, label=args.label, variant=args.variant)
     if up_to_date(stamp, key, outputs):
         print(f"{out}: up to date, nothing to do")
         return
-    model, tokenizer = load_for_eval(args.model, args.dtype, args.device, args.tau)
+    model, tokenizer = load_for_eval(args.model, args.dtype, args.device, args.tau, args.no_gx_inference_rescale)
     results, df = run_bench(model, tokenizer, tasks, args.limit, args.batch_size, storycloze_dir,
                             cache_dir=out / ".tasks", cache_key=task_key)
     label = args.label or model_label(args.model)
@@ -236,5 +262,34 @@ def cmd_lm_eval(args):
     with atomic_file(outputs[0]) as handle:
         json.dump(results, handle, indent=2)
     write_csv(df, outputs[1])
+    write_csv(bench_layers(results["activation"]).assign(model=label, variant=variant, tau=tau)
+              .reindex(columns=["model", "variant", "tau", "task", "layer", "mean_active_experts"]), outputs[2])
     write_stamp(stamp, key)
     print(df[["task", "metric", "value", "stderr", "activated_params_pct"]].to_string(index=False))
+
+
+def cmd_milestones(args):
+    from ..data import load_validation
+    from .milestones import COLUMNS, evaluate_milestones
+
+    _check_args(args)
+    run, out = Path(args.run), check_output_file(args.out)
+    stamp = out.with_name(f".{out.name}.stamp.json")
+    validation = load_validation(args.data)
+    key = fingerprint([run / "milestones", run / "model", run / "train_log.csv", args.data], command="milestones",
+                      label=args.label, max_sequences=args.max_sequences, dtype=args.dtype)
+    if up_to_date(stamp, key, [out]):
+        print(f"{out}: up to date, nothing to do")
+        return
+    models = []
+
+    def load(path):
+        model, _ = load_for_eval(path, args.dtype, args.device, tokenizer=False)
+        models.append(model_method(model))
+        return model
+
+    df = evaluate_milestones(run, validation, load, args.batch_size, args.max_sequences)
+    df = df.assign(model=args.label or run.name, variant=models[-1])
+    write_csv(df[COLUMNS + [c for c in df.columns if c not in COLUMNS]], out)
+    write_stamp(stamp, key)
+    print(df[df["source"] == "all"][["step", "train_tokens", "ppl", "activated_params_pct"]].to_string(index=False))

@@ -2,7 +2,8 @@
 
 Perplexity is token-weighted: every validation row is one window of `seq_len` tokens; the NLL of
 each predicted token (positions 1..seq_len-1) is summed over a source and divided by their count,
-and ppl = exp of that mean. The "all" row pools the tokens of every source. Activated parameters are
+and ppl = exp of that mean. Padding (`dsmoe.data.PAD`, truncate-mode rows) is neither predicted nor
+counted, in the NLL or in the routing statistics. The "all" row pools the tokens of every source. Activated parameters are
 counted as in Table 1 (`dsmoe.accounting.activated_params`) from the routing recorded while evaluating;
 a model without DSMoE layers (dense, pruned) counts all of its parameters.
 """
@@ -15,18 +16,24 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..accounting import RoutingRecorder, RoutingStats, activated_params
+from ..accounting import RoutingRecorder, RoutingStats, activated_params, counted_tokens
 from ..config import schema_default
-from ..model import check_tau, dsmoe_layers, set_tau
+from ..model import TOPK_VARIANTS, check_tau, dsmoe_layers, set_tau
 
 TABLE4_TAUS = tuple(schema_default("eval.tau_sweep"))  # the grid of Table 4
 
 
 def token_nll(model, input_ids):
     """Summed next-token NLL of a batch of windows (B x T) in float64, and the number of predicted tokens."""
-    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1), reduction="none")
-    return nll.double().sum().item(), nll.numel()
+    from ..data import model_inputs
+
+    inputs = model_inputs(input_ids)
+    with counted_tokens(inputs.get("attention_mask")):
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False).logits
+    targets = inputs["labels"][:, 1:].reshape(-1)
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, reduction="none", ignore_index=-100)
+    predicted = targets != -100
+    return nll[predicted].double().sum().item(), int(predicted.sum())
 
 
 def routing_summary(model, stats):
@@ -84,7 +91,7 @@ def sweep_tau(model, validation, taus=TABLE4_TAUS, batch_size=8, max_sequences=N
     """
     if not dsmoe_layers(model):
         raise ValueError(f"{type(model).__name__} is a dense model: a τ-sweep needs a DSMoE model")
-    if model.config.variant == "topk":
+    if model.config.variant in TOPK_VARIANTS:
         raise ValueError("τ has no effect on the topk variant (fixed top-k routing): nothing to sweep")
     for tau in taus:
         check_tau(tau)

@@ -3,9 +3,10 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .configuration_dsmoe import (VARIANTS, DSMoEConfig, check_gate_init_std, check_n_experts, check_tau, check_top_k,
-                                  check_variant)
-from .modeling_dsmoe import DSMoEForCausalLM, DSMoEMLP, check_swiglu, decoder_layers, dsmoe_layers, route, set_tau
+from .configuration_dsmoe import (PARTITIONS, TOPK_VARIANTS, VARIANTS, DSMoEConfig, check_gate_init_std, check_n_experts,
+                                  check_tau, check_top_k, check_variant)
+from .modeling_dsmoe import (DSMoEForCausalLM, DSMoEMLP, NoisyTopKGate, check_swiglu, cv_squared, decoder_layers, dsmoe_layers,
+                             route, set_no_gx_inference_rescale, set_tau)
 
 AutoConfig.register("dsmoe", DSMoEConfig, exist_ok=True)
 AutoModelForCausalLM.register(DSMoEConfig, DSMoEForCausalLM, exist_ok=True)
@@ -13,10 +14,14 @@ DSMoEConfig.register_for_auto_class()
 DSMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "PARTITIONS",
+    "TOPK_VARIANTS",
     "VARIANTS",
     "DSMoEConfig",
     "DSMoEForCausalLM",
     "DSMoEMLP",
+    "NoisyTopKGate",
+    "cv_squared",
     "check_gate_init_std",
     "check_n_experts",
     "check_swiglu",
@@ -26,5 +31,6 @@ __all__ = [
     "decoder_layers",
     "dsmoe_layers",
     "route",
+    "set_no_gx_inference_rescale",
     "set_tau",
 ]

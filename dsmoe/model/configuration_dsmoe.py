@@ -10,7 +10,9 @@ SmolLM2) can be the base. This file may import only transformers and its sibling
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-VARIANTS = ("dsmoe", "no_ste", "no_gx", "topk")
+VARIANTS = ("dsmoe", "no_ste", "no_gx", "topk", "topk_switch")
+TOPK_VARIANTS = ("topk", "topk_switch")  # fixed k experts per token, no τ
+PARTITIONS = ("contiguous", "random", "coactivation")  # how intermediate units are grouped into experts
 
 
 # The one validation of the DSMoE settings: the config, convert, set_tau and the CLI all call these.
@@ -58,12 +60,21 @@ class DSMoEConfig(PreTrainedConfig):
         n_experts: number of experts each FFN is split into along the intermediate dimension (Eq. 6).
         tau: activation threshold τ of the gate G (Eq. 7); may be changed after loading.
         variant: training forward. `"dsmoe"` (Eq. 11, straight-through), `"no_ste"` (Eq. 7, Table 3
-            ablation), `"no_gx"` (Eq. 20, Fig. 2 ablation) or `"topk"` (LLaMA-MoE baseline: softmax
-            router, fixed top-k). Inference always uses Eq. 7-8 (top-k for `"topk"`).
-        num_experts_per_tok: experts per token for the `"topk"` variant.
+            ablation), `"no_gx"` (Eq. 20, Fig. 2 ablation), `"topk"` (the LLaMA-MoE baseline as its code
+            has it: noisy MLP gate, softmax over the top-k logits, n/k score scale, CV² balance loss) or
+            `"topk_switch"` (not the paper's: linear gate, softmax over all experts, top-k weights
+            renormalised to sum n, Switch balance loss). Inference uses Eq. 7-8 (top-k for both top-k variants).
+        num_experts_per_tok: experts per token of the top-k variants.
+        no_gx_inference_rescale: whether the `"no_gx"` variant applies Eq. 8's n/k at inference. It
+            is trained with Eq. 20 (Σ σ_i·o_i, no n/k), so True (the default, as every other
+            variant) scales its output by n/k over the training scale; False thresholds with G
+            (Eq. 7) and keeps the training scale. The paper does not say which it used for Fig. 2.
         gate_init_std: std of the normal init of the gate weights Y (see `DSMoEMLP`).
         gate_init: how the gates were initialised at conversion: "normal" (the paper) or "calibrated".
         base_architecture: class name of the dense model this one was converted from.
+        partition: how the dense FFN's intermediate units were grouped into experts at conversion:
+            "contiguous" (Eq. 6), "random" or "coactivation" (LLaMA-MoE's neuron splits); the units are
+            permuted at conversion so that expert i always owns the i-th contiguous slice.
     """
 
     model_type = "dsmoe"
@@ -74,9 +85,11 @@ class DSMoEConfig(PreTrainedConfig):
     tau: float = 0.5
     variant: str = "dsmoe"
     num_experts_per_tok: int = 3
+    no_gx_inference_rescale: bool = True
     gate_init_std: float = 0.02
     gate_init: str = "normal"
     base_architecture: str | None = None
+    partition: str = "contiguous"
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -85,9 +98,10 @@ class DSMoEConfig(PreTrainedConfig):
         check_tau(self.tau)
         check_n_experts(self.n_experts, getattr(self.text_config, "intermediate_size", None))
         check_gate_init_std(self.gate_init_std)
-        if self.variant == "topk":
+        if self.variant in TOPK_VARIANTS:
             check_top_k(self.num_experts_per_tok, self.n_experts)
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
 
-__all__ = ["DSMoEConfig", "VARIANTS", "check_gate_init_std", "check_n_experts", "check_tau", "check_top_k", "check_variant"]
+__all__ = ["DSMoEConfig", "PARTITIONS", "TOPK_VARIANTS", "VARIANTS", "check_gate_init_std", "check_n_experts", "check_tau",
+           "check_top_k", "check_variant"]

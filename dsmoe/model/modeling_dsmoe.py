@@ -21,11 +21,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 # dsmoe supports; pass and return the KV cache under the name the installed version uses.
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-from .configuration_dsmoe import DSMoEConfig, check_tau
+from .configuration_dsmoe import TOPK_VARIANTS, DSMoEConfig, check_tau
 from .sparse_ffn import expert_down_weights, sparse_expert_ffn
 
 
-def route(logits, variant, tau, top_k, training):
+def route(logits, variant, tau, top_k, training, rescale=True):
     """Per-token expert coefficients from gate logits h·Y (shape T x n).
 
     Returns `(coef, active, probs)`:
@@ -34,11 +34,12 @@ def route(logits, variant, tau, top_k, training):
       - `probs`: σ(h·Y) (softmax for top-k); `probs * active` is G(σ(h·Y)), Eq. 19's term.
     The n/k rescale (Eq. 8) is a token count and carries no gradient. A token with k = 0 gets
     coef 0 everywhere (output exactly 0); its rescale is taken as n/max(k, 1) so that the
-    straight-through gate gradient stays finite.
+    straight-through gate gradient stays finite. `rescale=False` drops the n/k of the sigmoid
+    variants (the no_gx model at inference with `no_gx_inference_rescale` off).
     """
     n = logits.shape[-1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # route in fp32 at least
-    if variant == "topk":
+    if variant == "topk_switch":
         probs = torch.softmax(logits, dim=-1)
         top_idx = probs.topk(top_k, dim=-1).indices
         active = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top_idx, True)
@@ -50,11 +51,72 @@ def route(logits, variant, tau, top_k, training):
         return probs, torch.ones_like(probs, dtype=torch.bool), probs
     active = probs > tau
     gated = probs * active  # G(σ(h·Y)), Eq. 7
-    scale = n / active.sum(-1, keepdim=True).clamp(min=1).to(probs.dtype)  # Eq. 8
+    scale = n / active.sum(-1, keepdim=True).clamp(min=1).to(probs.dtype) if rescale else 1.0  # Eq. 8
     if training and variant == "dsmoe":
         gated_ste = gated.detach() + probs - probs.detach()  # S(x) = sg(G(x)) + x - sg(x), Eq. 10
         return gated_ste * scale, active, probs
     return gated * scale, active, probs  # "no_ste" training (Eq. 7) and every variant at inference
+
+
+class NoisyTopKGate(nn.Module):
+    """LLaMA-MoE's gate (`TopKBalancedNoisyGate` of pjlab-sys4nlp/llama-moe, its defaults).
+
+    logits = MLP(h) = tanh(h W₁) W₂ (n x n second layer), plus in training the learned noise
+    N(0, 1) · (softplus(h W_noise) + 1e-2), W_noise zero-initialised; the top-k logits get a
+    softmax (weights of a token sum to 1), which the experts' outputs are multiplied by, times the
+    score scale n/k (LLaMA-MoE's `score_scale_factor`). No noise in eval. The balance loss is
+    CV²(importance) + CV²(load), with importance the summed top-k softmax weights per expert and
+    load, in training, the smooth count of Shazeer et al. (2017): P(expert stays in the top-k
+    under fresh noise). As in LLaMA-MoE's code, the in/out threshold is chosen by comparing the
+    noise itself (not the noisy logit) with the (k+1)-th noisy logit; in eval (or k = n), load
+    counts the tokens routed to each expert.
+    """
+
+    noise_epsilon = 1e-2
+
+    def __init__(self, hidden_size, n_experts, top_k):
+        super().__init__()
+        self.n_experts, self.top_k = n_experts, top_k
+        self.gate_network = nn.Sequential(nn.Linear(hidden_size, n_experts, bias=False), nn.Tanh(),
+                                          nn.Linear(n_experts, n_experts, bias=False))
+        self.weight_noise = nn.Linear(hidden_size, n_experts, bias=False)
+        self.reset_parameters()
+        self.last_importance = self.last_load = None
+
+    def reset_parameters(self):
+        for linear in (self.gate_network[0], self.gate_network[2]):
+            linear.reset_parameters()  # LLaMA-MoE keeps nn.Linear's default init for the MLP gate
+        nn.init.zeros_(self.weight_noise.weight)
+
+    def forward(self, x):
+        """`(coef, active, weights)` as `route` returns them; weights: the top-k softmax (T x n)."""
+        clean = self.gate_network(x).float()
+        logits, noise, control = clean, None, None
+        if self.training:
+            control = nn.functional.softplus(self.weight_noise(x).float()) + self.noise_epsilon
+            noise = torch.randn_like(clean) * control
+            logits = clean + noise
+        k, n = self.top_k, self.n_experts
+        top_logits, top_idx = logits.topk(min(k + 1, n), dim=-1)
+        weights = torch.zeros_like(logits).scatter(-1, top_idx[:, :k], torch.softmax(top_logits[:, :k], dim=-1))
+        active = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top_idx[:, :k], True)
+        self.last_importance = weights.sum(0)
+        if noise is not None and k < n:
+            normal = torch.distributions.Normal(0.0, 1.0)
+            threshold_in, threshold_out = top_logits[:, k:k + 1], top_logits[:, k - 1:k]
+            prob_in = normal.cdf((clean - threshold_in) / control)
+            prob_out = normal.cdf((clean - threshold_out) / control)
+            self.last_load = torch.where(noise > threshold_in, prob_in, prob_out).sum(0)
+        else:
+            self.last_load = active.float().sum(0)
+        return weights * (n / k), active, weights
+
+
+def cv_squared(x, eps=1e-10):
+    """Squared coefficient of variation var(x) / (mean(x)² + eps), unbiased var, 0 for one element."""
+    if x.shape[0] == 1:
+        return x.new_zeros(())
+    return x.float().var() / (x.float().mean() ** 2 + eps)
 
 
 def check_swiglu(mlp, name="mlp"):
@@ -92,12 +154,16 @@ class DSMoEMLP(nn.Module):
         self.tau = float(config.tau)
         self.variant = config.variant
         self.top_k = config.num_experts_per_tok
+        self.no_gx_inference_rescale = bool(config.no_gx_inference_rescale)
         self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
         self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
         self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=False)
         self.act_fn = ACT2FN[text_config.hidden_act]
-        self.gate = nn.Linear(self.hidden_size, self.n_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=config.gate_init_std)
+        if self.variant == "topk":
+            self.gate = NoisyTopKGate(self.hidden_size, self.n_experts, self.top_k)
+        else:
+            self.gate = nn.Linear(self.hidden_size, self.n_experts, bias=False)
+            nn.init.normal_(self.gate.weight, std=config.gate_init_std)
         self.last_gate_probs = None  # σ(h·Y) (softmax for top-k), T x n, from the latest forward
         self.last_active = None  # bool T x n, from the latest forward
         self.routing_stats = None  # set by dsmoe.RoutingRecorder
@@ -121,12 +187,21 @@ class DSMoEMLP(nn.Module):
         layer.gate_proj, layer.up_proj, layer.down_proj, layer.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
         weight = mlp.gate_proj.weight
         layer.gate = layer.gate.to_empty(device=weight.device).to(weight.dtype)
-        nn.init.normal_(layer.gate.weight, std=config.gate_init_std)
+        layer.init_gate(config.gate_init_std)
         return layer
+
+    def init_gate(self, std):
+        self.gate.reset_parameters()  # draws from the RNG as nn.Linear() does: same seed, same gates as before
+        if not isinstance(self.gate, NoisyTopKGate):
+            nn.init.normal_(self.gate.weight, std=std)
 
     def forward(self, hidden_states):
         x = hidden_states.reshape(-1, self.hidden_size)
-        coef, active, probs = route(self.gate(x), self.variant, self.tau, self.top_k, self.training)
+        if isinstance(self.gate, NoisyTopKGate):
+            coef, active, probs = self.gate(x)
+        else:
+            rescale = self.variant != "no_gx" or self.no_gx_inference_rescale
+            coef, active, probs = route(self.gate_logits(x), self.variant, self.tau, self.top_k, self.training, rescale)
         self.last_gate_probs, self.last_active = probs, active
         if self.routing_stats is not None:
             self.routing_stats.update(active)
@@ -139,6 +214,12 @@ class DSMoEMLP(nn.Module):
             out = sparse_expert_ffn(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, coef, active,
                                     self.act_fn, down_t=self._expert_down_weights())
         return out.view(hidden_states.shape)
+
+    def gate_logits(self, x):
+        """h·Y in fp32 at least, outside autocast: under bf16 mixed precision the routing stays fp32."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            return nn.functional.linear(x.to(dtype), self.gate.weight.to(dtype))
 
     def _expert_down_weights(self):
         """V_iᵀ contiguous per expert, built on first use and rebuilt when down_proj.weight is
@@ -160,7 +241,8 @@ class DSMoEMLP(nn.Module):
         return super().train(mode)
 
     def extra_repr(self):
-        return f"n_experts={self.n_experts}, tau={self.tau}, variant={self.variant!r}"
+        extra = "" if self.variant != "no_gx" else f", no_gx_inference_rescale={self.no_gx_inference_rescale}"
+        return f"n_experts={self.n_experts}, tau={self.tau}, variant={self.variant!r}{extra}"
 
 
 class DSMoEPreTrainedModel(PreTrainedModel):
@@ -174,7 +256,7 @@ class DSMoEPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         if isinstance(module, DSMoEMLP):
-            nn.init.normal_(module.gate.weight, std=self.config.gate_init_std)
+            module.init_gate(self.config.gate_init_std)
         else:
             super()._init_weights(module)
 
@@ -258,4 +340,20 @@ def set_tau(model, tau):
         model.config.tau = tau
     return model
 
-__all__ = ["check_swiglu", "decoder_layers", "dsmoe_layers", "DSMoEMLP", "DSMoEPreTrainedModel", "DSMoEForCausalLM", "route", "set_tau"]
+
+def set_no_gx_inference_rescale(model, rescale):
+    """Apply (True) or not (False) Eq. 8's n/k to the no_gx variant at inference, in every layer and the config."""
+    if not isinstance(rescale, bool):
+        raise ValueError(f"no_gx_inference_rescale must be true or false, got {rescale!r}")
+    layers = dsmoe_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no DSMoE layer")
+    for layer in layers:
+        layer.no_gx_inference_rescale = rescale
+    if isinstance(getattr(model, "config", None), DSMoEConfig):
+        model.config.no_gx_inference_rescale = rescale
+    return model
+
+
+__all__ = ["check_swiglu", "cv_squared", "decoder_layers", "dsmoe_layers", "DSMoEMLP", "NoisyTopKGate", "DSMoEPreTrainedModel",
+           "DSMoEForCausalLM", "route", "set_no_gx_inference_rescale", "set_tau"]

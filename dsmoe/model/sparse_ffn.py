@@ -44,6 +44,10 @@ def sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t=None
     n = coef.shape[-1]
     if down_t is None:
         down_t = w_down.t().view(n, -1, w_down.shape[0])
+    if torch.is_autocast_enabled(x.device.type):  # mixed precision: the autocast dtype, expert slices cast on use
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+            return sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t)
     coef = coef.to(x.dtype)
     if x.shape[0] <= FEW_TOKENS:
         return _union_of_experts(x, w_gate, w_up, down_t, coef * active, active.any(0), act_fn)
@@ -67,9 +71,9 @@ def _union_of_experts(x, w_gate, w_up, down_t, coef, used, act_fn):
     out = x.new_zeros(x.shape)
     for first, stop in _runs(used.nonzero().flatten().tolist()):
         rows = slice(first * size, stop * size)
-        h = act_fn(x @ w_gate[rows].t()) * (x @ w_up[rows].t())
+        h = act_fn(x @ w_gate[rows].to(x.dtype).t()) * (x @ w_up[rows].to(x.dtype).t())
         h = h.view(-1, stop - first, size) * coef[:, first:stop, None]
-        out = out.addmm_(h.view(x.shape[0], -1), down_t[first:stop].view(-1, d))
+        out = out.addmm_(h.view(x.shape[0], -1), down_t[first:stop].view(-1, d).to(x.dtype))
     return out
 
 
@@ -87,13 +91,14 @@ def _grouped_by_expert(x, w_gate, w_up, down_t, coef, active, act_fn):
         if count == 0:
             continue
         pairs, rows = slice(start, start + count), slice(i * size, (i + 1) * size)
-        xi = xs[pairs]
+        xi, down_i = xs[pairs], down_t[i].to(x.dtype)
+        w_gate_i, w_up_i = w_gate[rows].to(x.dtype), w_up[rows].to(x.dtype)
         if in_place:
-            h = act_fn(xi @ w_gate[rows].t()).mul_(xi @ w_up[rows].t()).mul_(weights[pairs])
-            torch.mm(h, down_t[i], out=ys[pairs])
+            h = act_fn(xi @ w_gate_i.t()).mul_(xi @ w_up_i.t()).mul_(weights[pairs])
+            torch.mm(h, down_i, out=ys[pairs])
         else:
-            h = act_fn(xi @ w_gate[rows].t()) * (xi @ w_up[rows].t()) * weights[pairs]
-            ys.append(h @ down_t[i])
+            h = act_fn(xi @ w_gate_i.t()) * (xi @ w_up_i.t()) * weights[pairs]
+            ys.append(h @ down_i)
         start += count
     if start == 0:
         return x.new_zeros(x.shape)

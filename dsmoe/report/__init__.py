@@ -1,21 +1,26 @@
 """Tables, claims and figures of a run, beside the paper's published numbers (the notebooks use these)."""
 
-from .plots import explorer_heatmap, heatmap, layer_profile, no_gx_curve, tau_curves, token_activity
+from .plots import explorer_heatmap, heatmap, heatmap_grid, layer_profile, no_gx_curve, tau_curves, token_activity, token_curve
 from .run_data import PAPER_RESULTS, collect, load_paper, load_run, overall, save_figure, save_table
-from .tables import claims, paper_methods, primary_scores, table1, table2, table3, table4
+from .shape import band_means, is_w_shaped, w_shape_claim
+from .tables import claims, paper_methods, paper_tasks, primary_scores, table1, table2, table3, table4, table5_6
 
 __all__ = [
     "PAPER_RESULTS",
+    "band_means",
     "claims",
     "collect",
     "explorer_heatmap",
     "heatmap",
+    "heatmap_grid",
+    "is_w_shaped",
     "layer_profile",
     "load_paper",
     "load_run",
     "no_gx_curve",
     "overall",
     "paper_methods",
+    "paper_tasks",
     "primary_scores",
     "save_figure",
     "save_table",
@@ -23,6 +28,9 @@ __all__ = [
     "table2",
     "table3",
     "table4",
+    "table5_6",
     "tau_curves",
     "token_activity",
+    "token_curve",
+    "w_shape_claim",
 ]

@@ -1,37 +1,66 @@
-"""Figures of a run: Fig. 3 heatmaps and layer profiles, Table 4 τ-curves, Fig. 2, the routing explorer."""
+"""Figures of a run: Fig. 3 heatmaps and layer profiles, Table 4 τ-curves, Fig. 2, Tables 5-6 as curves,
+the routing explorer."""
 
 import numpy as np
 import pandas as pd
 
+from ..names import FIXED_ROUTING
 
-def heatmap(layers, model, ax=None):
-    """Fig. 3: mean active experts, layers (rows) x validation sources (columns), of one model."""
+
+def heatmap_grid(layers, model, column="source"):
+    """Layers (rows) x `column` values (columns) of mean active experts, with an `average` column (mean
+    over the columns) and an `average` row (mean over the layers); source "all" is left out."""
+    df = layers[(layers["model"] == model)]
+    df = df[df[column] != "all"] if column == "source" else df
+    if df.empty:
+        raise ValueError(f"no per-layer routing data by {column} for model {model!r}")
+    grid = df.pivot_table(index="layer", columns=column, values="mean_active_experts")
+    grid.columns = [str(c) for c in grid.columns]
+    grid["average"] = grid.mean(axis=1)
+    grid.index = [str(i) for i in grid.index]
+    grid.loc["average"] = grid.mean(axis=0)
+    return grid
+
+
+def heatmap(layers, model, column="source", ax=None):
+    """Fig. 3: mean active experts, layers (rows) x validation sources or benchmark tasks (`column`),
+    of one model, with the average column and row. A fixed-routing model (top-k) is titled as the
+    reference it is: its count is k by construction, not a finding."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    df = layers[(layers["model"] == model) & (layers["source"] != "all")]
-    if df.empty:
-        raise ValueError(f"no per-layer routing data for model {model!r}")
-    grid = df.pivot_table(index="layer", columns="source", values="mean_active_experts")
+    grid = heatmap_grid(layers, model, column)
     if ax is None:
         _, ax = plt.subplots(figsize=(1.2 * grid.shape[1] + 2.5, 0.28 * grid.shape[0] + 1.5))
-    sns.heatmap(grid, ax=ax, annot=grid.shape[0] <= 32, fmt=".1f", cmap="viridis",
+    sns.heatmap(grid, ax=ax, annot=grid.shape[0] <= 33, fmt=".1f", cmap="viridis",
                 cbar_kws={"label": "mean active experts"})
-    ax.set_title(f"{model}: active experts per layer")
+    ax.axvline(grid.shape[1] - 1, color="white", lw=2)
+    ax.axhline(grid.shape[0] - 1, color="white", lw=2)
+    ax.set_xlabel("validation source" if column == "source" else "benchmark task")
+    ax.set_ylabel("layer")
+    variants = set(layers.loc[layers["model"] == model, "variant"]) if "variant" in layers else set()
+    if variants & set(FIXED_ROUTING):
+        ax.set_title(f"{model}: reference only: fixed top-k routing, every token k experts by construction")
+    else:
+        ax.set_title(f"{model}: active experts per layer and {'source' if column == 'source' else 'task'}")
     return ax
 
 
 def layer_profile(layers, models, ax=None):
-    """Per-layer mean active experts (averaged over sources), one line per model."""
+    """Per-layer mean active experts (averaged over sources), one line per model; fixed-routing
+    models dashed and labelled as a reference."""
     import matplotlib.pyplot as plt
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4))
     df = layers[layers["source"] != "all"]
     for model in models:
-        profile = df[df["model"] == model].groupby("layer")["mean_active_experts"].mean()
+        rows = df[df["model"] == model]
+        profile = rows.groupby("layer")["mean_active_experts"].mean()
         if len(profile):
-            ax.plot(profile.index, profile.values, marker="o", label=model)
+            fixed = bool(set(rows.get("variant", [])) & set(FIXED_ROUTING))
+            ax.plot(profile.index, profile.values, marker="o", linestyle="--" if fixed else "-",
+                    label=f"{model} (reference: fixed k)" if fixed else model)
     ax.set_xlabel("layer")
     ax.set_ylabel("mean active experts")
     ax.legend()
@@ -68,27 +97,60 @@ def tau_curves(sweep, paper=None):
     return fig
 
 
+NO_GX_SWEEPS = (("no_gx", "-", "n/k at inference"), ("no_gx_unscaled", "--", "no n/k at inference"))
+
+
 def no_gx_curve(sweep, dsmoe_point):
-    """Fig. 2: the no-G model's PPL and active experts against τ; DSMoE's point starred.
+    """Fig. 2: the no-G model's PPL and active experts against τ, with Eq. 8's n/k at inference (solid)
+    and without it (dashed, the scale it was trained with); DSMoE's point starred.
 
     `dsmoe_point`: a row (Series or dict) of the DSMoE model with tau, ppl, mean_active_experts.
     """
     import matplotlib.pyplot as plt
 
-    curve = sweep[sweep["variant"] == "no_gx"].sort_values("tau")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(curve["tau"], curve["ppl"], marker="o", color="C0", label="no-G: PPL")
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    twin = ax.twinx()
+    for label, style, how in NO_GX_SWEEPS:
+        curve = sweep[sweep["model"] == label].sort_values("tau")
+        if curve.empty:
+            continue
+        ax.plot(curve["tau"], curve["ppl"], style, marker="o", color="C0", label=f"no-G, {how}: PPL")
+        twin.plot(curve["tau"], curve["mean_active_experts"], style, marker="s", color="C1",
+                  label=f"no-G, {how}: active experts")
     ax.set_yscale("log")
     ax.set_xlabel("τ (applied at inference only)")
     ax.set_ylabel("PPL", color="C0")
-    twin = ax.twinx()
-    twin.plot(curve["tau"], curve["mean_active_experts"], marker="s", color="C1", label="no-G: active experts")
     twin.set_ylabel("mean active experts", color="C1")
     ax.plot([dsmoe_point["tau"]], [dsmoe_point["ppl"]], "*", ms=18, color="C3", label="DSMoE: PPL")
     twin.plot([dsmoe_point["tau"]], [dsmoe_point["mean_active_experts"]], "*", ms=18, color="C2",
               label="DSMoE: active experts")
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="upper center", fontsize=8)
+    ax.legend(handles=handles, loc="upper center", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def token_curve(table):
+    """Tables 5-6 as curves: PPL against continued-pretraining tokens, this run (its milestones and
+    final model) beside the paper's LLaMA-1B (Table 5) and LLaMA-7B (Table 6), each on its own axes.
+
+    `table`: the output of `dsmoe.report.table5_6`."""
+    import matplotlib.pyplot as plt
+
+    sources = [s for s in dict.fromkeys(table["source"]) if s == "this run"]
+    sources += [s for s in dict.fromkeys(table["source"]) if s != "this run"]
+    fig, axes = plt.subplots(1, max(len(sources), 1), figsize=(4.2 * max(len(sources), 1), 3.6), squeeze=False)
+    for ax, source in zip(axes[0], sources):
+        rows = table[table["source"] == source].sort_values("tokens")
+        ax.plot(rows["tokens"], rows["ppl"], marker="o", color="C0" if source == "this run" else "gray")
+        final = rows[rows["final"].astype(bool)]
+        if len(final):
+            ax.plot(final["tokens"], final["ppl"], "*", ms=14, color="C3", label="final model")
+            ax.legend(fontsize=8)
+        ax.set_title(source)
+        ax.set_xlabel("continued-pretraining tokens")
+        ax.set_ylabel("validation PPL")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 

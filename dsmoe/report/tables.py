@@ -1,12 +1,13 @@
-"""Tables 1-4 of a run beside the paper's numbers, and the "reproduced: yes/no" claims."""
+"""Tables 1-6 of a run beside the paper's numbers, and the "reproduced: yes/no" claims."""
 
 import math
 
 import numpy as np
 import pandas as pd
 
-from ..names import METHOD_ORDER
+from ..names import METHOD_ORDER, PAPER_TASKS
 from .run_data import overall
+from .shape import w_shape_claim
 
 
 def paper_methods(paper):
@@ -31,12 +32,18 @@ def table1(ppl, paper):
     methods = paper_methods(paper)
     df["paper_method"] = df["model"].map(lambda m: methods.get("dense" if m == "dense_continued" else m, ""))
     for base, tag in (("LLaMA-1B", "1b"), ("LLaMA-7B", "7b")):
-        rows = {r["method"]: r for r in paper["table1"] if r["base"] == base}
+        rows = {r["method"]: r for r in paper["table1"]["rows"] if r["base"] == base}
         dense = rows["LLaMA (dense)"]["params"]
         df[f"paper_{tag}_activated_pct_of_dense"] = df["paper_method"].map(
             lambda m: 100 * rows[m]["activated_params"] / dense if m in rows else math.nan)
         df[f"paper_{tag}_ppl"] = df["paper_method"].map(lambda m: rows[m]["ppl"] if m in rows else math.nan)
+    df["paper_notes"] = df["paper_method"].map(lambda m: paper_notes(paper, m))
     return df
+
+
+def paper_notes(paper, method):
+    """Table 1's notes on a paper method (where the paper contradicts itself), "base: note" joined."""
+    return " | ".join(f"{n['base']}: {' '.join(n['note'].split())}" for n in paper["table1"]["notes"] if n["method"] == method)
 
 
 def primary_scores(bench):
@@ -48,27 +55,41 @@ def primary_scores(bench):
     return scores.reindex([m for m in METHOD_ORDER if m in scores.index] + [m for m in scores.index if m not in METHOD_ORDER])
 
 
+def paper_tasks(paper):
+    """The paper's Table 2 columns as lm-eval task names (through `dsmoe.names.PAPER_TASKS`)."""
+    return [PAPER_TASKS[key] for key in paper["table2"]["tasks"]]
+
+
 def table2(bench, paper):
-    """Benchmark scores (%) of this run's models, followed by the paper's rows (its ten tasks)."""
+    """Benchmark scores (%) of this run's models, followed by the paper's rows (its ten tasks).
+
+    Columns are lm-eval task names: the paper's in its order, then any other task this run has."""
     ours = primary_scores(bench).reset_index()
     ours.insert(0, "source", "this run")
-    tasks = paper["table2"]["tasks"]
+    tasks = paper_tasks(paper)
     theirs = pd.DataFrame([{"source": f"paper {r['base']}", "model": r["method"], **dict(zip(tasks, r["scores"]))}
                            for r in paper["table2"]["rows"]])
-    return pd.concat([ours, theirs], ignore_index=True)
+    df = pd.concat([ours, theirs], ignore_index=True)
+    return df[["source", "model"] + tasks + [c for c in df.columns if c not in tasks + ["source", "model"]]]
 
 
 def table3(ppl, bench, paper):
-    """DSMoE against the no-STE ablation: PPL and each benchmark, this run beside the paper (LLaMA-1B)."""
+    """DSMoE against the no-STE ablation: PPL and each benchmark, this run beside the paper (LLaMA-1B).
+
+    One row per metric (lm-eval task names; the paper's keys mapped through `dsmoe.names.PAPER_TASKS`)."""
     ours = overall(ppl)
     scores = primary_scores(bench)
     rows = []
     for metric in ["ppl"] + list(scores.columns):
         source = ours["ppl"] if metric == "ppl" else scores[metric]
         rows.append({"metric": metric, **{m: source.get(m, math.nan) for m in ("dsmoe", "no_ste")}})
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows, columns=["metric", "dsmoe", "no_ste"])
     theirs = pd.DataFrame(paper["table3"]["rows"]).rename(columns={"dsmoe": "paper_dsmoe", "no_ste": "paper_no_ste"})
-    return df.merge(theirs, on="metric", how="outer")
+    theirs["metric"] = theirs["metric"].map(lambda key: PAPER_TASKS.get(key, key))
+    order = ["ppl"] + paper_tasks(paper)
+    df = df.merge(theirs, on="metric", how="outer")
+    df["order"] = df["metric"].map({m: i for i, m in enumerate(order)}).fillna(len(order))
+    return df.sort_values(["order", "metric"], kind="stable").drop(columns="order").reset_index(drop=True)
 
 
 def table4(sweep, paper):
@@ -87,7 +108,22 @@ def _ppl_at(curve, activated_pct):
     return float(np.interp(activated_pct, x, y))
 
 
-def claims(ppl, sweep):
+def table5_6(milestones, paper):
+    """Appendix B: perplexity against continued-pretraining tokens, this run's DSMoE model (its
+    milestones and its final model) followed by the paper's LLaMA-1B (Table 5) and LLaMA-7B (Table 6)."""
+    rows = []
+    if milestones is not None and not milestones.empty and "source" in milestones:
+        ours = milestones[milestones["source"] == "all"].sort_values("train_tokens")
+        rows += [{"source": "this run", "model": r.model, "step": r.step, "tokens": r.train_tokens, "ppl": r.ppl,
+                  "activated_params_pct": r.activated_params_pct, "final": bool(r.final)} for r in ours.itertuples()]
+    for table in paper["table5_6"]:
+        rows += [{"source": f"paper {table['base']} (Table {table['table']})", "model": "DSMoE", "step": math.nan,
+                  "tokens": tokens, "ppl": value, "activated_params_pct": math.nan, "final": False}
+                 for tokens, value in zip(table["tokens"], table["ppl"])]
+    return pd.DataFrame(rows, columns=["source", "model", "step", "tokens", "ppl", "activated_params_pct", "final"])
+
+
+def claims(ppl, sweep, layers=None):
     """One line per qualitative claim of the paper: reproduced yes/no, with the numbers behind it."""
     ours = overall(ppl)
     lines = []
@@ -122,17 +158,25 @@ def claims(ppl, sweep):
     else:
         add("DSMoE beats top-k at matched activation", None, "dsmoe or topk missing from this run")
 
-    no_gx = sweep[sweep["variant"] == "no_gx"]
-    if "dsmoe" in ours.index and len(no_gx):
-        point = ours.loc["dsmoe"]
-        matched = _ppl_at(no_gx, point["activated_params_pct"])
-        if matched is None:
-            nearest = no_gx.iloc[(no_gx["activated_params_pct"] - point["activated_params_pct"]).abs().argmin()]
-            matched, how = float(nearest["ppl"]), f"nearest no-G point, {nearest['activated_params_pct']:.1f}% active"
-        else:
-            how = "no-G τ-sweep interpolated"
-        add("no-G is worse at matched activation", matched > point["ppl"],
-            f"at {point['activated_params_pct']:.1f}% active: no-G PPL {matched:.4g} ({how}) vs DSMoE {point['ppl']:.4g}")
-    else:
-        add("no-G is worse at matched activation", None, "dsmoe or the no_gx sweep missing from this run")
+    for label, how_scaled in (("no_gx", "n/k at inference"), ("no_gx_unscaled", "no n/k at inference")):
+        add(f"no-G ({how_scaled}) is worse at matched activation", *_no_gx_claim(ours, sweep, label))
+
+    shaped, evidence = w_shape_claim(layers)
+    add("W-shaped layer profile (§6.3; five equal layer bands, bands 1, 3, 5 each above bands 2 and 4)", shaped, evidence)
     return pd.DataFrame(lines)
+
+
+def _no_gx_claim(ours, sweep, label):
+    """`(reproduced, evidence)`: the no-G sweep `label` against DSMoE's point at matched activation."""
+    no_gx = sweep[sweep["model"] == label] if "model" in sweep else sweep.iloc[0:0]
+    if "dsmoe" not in ours.index or no_gx.empty:
+        return None, f"dsmoe or the {label} sweep missing from this run"
+    point = ours.loc["dsmoe"]
+    matched = _ppl_at(no_gx, point["activated_params_pct"])
+    if matched is None:
+        nearest = no_gx.iloc[(no_gx["activated_params_pct"] - point["activated_params_pct"]).abs().argmin()]
+        matched, how = float(nearest["ppl"]), f"nearest no-G point, {nearest['activated_params_pct']:.1f}% active"
+    else:
+        how = "no-G τ-sweep interpolated"
+    return matched > point["ppl"], (f"at {point['activated_params_pct']:.1f}% active: no-G PPL {matched:.4g} ({how}) "
+                                    f"vs DSMoE {point['ppl']:.4g}")

@@ -6,15 +6,18 @@ over the micro-batches and the processes; train_log.csv rows are their mean over
 
 import contextlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..losses import load_balancing_loss, sparsity_loss
-from ..model import VARIANTS, dsmoe_layers
+from ..data import model_inputs
+from ..losses import cv_balance_loss, load_balancing_loss, sparsity_loss
+from ..model import TOPK_VARIANTS, VARIANTS, dsmoe_layers
+from ..names import UNSTRUCTURED_PRUNE_KINDS
 
-SPARSITY_VARIANTS = ("dsmoe", "no_ste", "no_gx")  # trained with λ·sparsity loss; topk with load balancing
+SPARSITY_VARIANTS = ("dsmoe", "no_ste", "no_gx")  # trained with λ·sparsity loss; the top-k variants with load balancing
 
 
 class TrainingDiverged(ValueError):
@@ -35,8 +38,11 @@ def apply_variant(model, variant):
     if not layers:
         raise ValueError(f"variant {variant!r} needs a DSMoE model but the init model is dense: "
                          "convert it first (dsmoe convert) or train it with --variant dense")
-    if variant == "topk" and not 1 <= model.config.num_experts_per_tok <= model.config.n_experts:
-        raise ValueError(f"topk needs 1 <= num_experts_per_tok <= n_experts, got {model.config.num_experts_per_tok}")
+    if variant in TOPK_VARIANTS and not 1 <= model.config.num_experts_per_tok <= model.config.n_experts:
+        raise ValueError(f"{variant} needs 1 <= num_experts_per_tok <= n_experts, got {model.config.num_experts_per_tok}")
+    if (variant == "topk") != (model.config.variant == "topk"):
+        raise ValueError(f"cannot train a {model.config.variant} model as {variant}: the topk variant has its own "
+                         "gate (LLaMA-MoE's noisy MLP gate); convert with --variant topk instead")
     for layer in layers:
         layer.variant = variant
     model.config.variant = variant
@@ -49,7 +55,7 @@ def param_groups(model, weight_decay, gate_lr=None):
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if gate_lr is not None and name.endswith("mlp.gate.weight"):
+        if gate_lr is not None and ".mlp.gate." in name:
             gates.append(param)
         else:
             (decay if param.dim() >= 2 else no_decay).append(param)
@@ -60,30 +66,35 @@ def param_groups(model, weight_decay, gate_lr=None):
 
 
 def pruning_masks(model, init):
-    """Masks that keep an unstructured-pruned (Wanda) init's zeros at zero through training.
+    """Masks that keep an unstructured-pruned (SparseGPT, Wanda) init's zeros at zero through training.
 
-    `dsmoe baseline prune --kind wanda` writes pruning.json beside the weights; the FFN weights that
-    are zero at init stay zero, so the trained model keeps its matched activated params."""
+    `dsmoe baseline prune --kind sparsegpt|wanda` writes pruning.json beside the weights; the decoder
+    linear weights that are zero at init stay zero, so the trained model keeps its matched activated params."""
     info = Path(init) / "pruning.json"
-    if not info.is_file() or json.loads(info.read_text()).get("kind") != "wanda":
+    if not info.is_file() or json.loads(info.read_text()).get("kind") not in UNSTRUCTURED_PRUNE_KINDS:
         return {}
-    suffixes = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+    suffixes = tuple(f"{name}.weight" for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     return {name: param != 0 for name, param in model.named_parameters() if name.endswith(suffixes)}
 
 
-def auxiliary_losses(model, variant):
-    """`(sparsity, load_balancing)` of the latest forward; None where the variant has no such term."""
+def auxiliary_losses(model, variant, token_mask=None):
+    """`(sparsity, load_balancing)` of the latest forward; None where the variant has no such term.
+
+    `token_mask`: the attention mask of a padded batch (truncate mode), so padding adds no term."""
     if variant == "dense":
         return None, None
     if variant == "topk":
-        return None, load_balancing_loss(model)
-    return sparsity_loss(model), None
+        return None, cv_balance_loss(model)
+    if variant == "topk_switch":
+        return None, load_balancing_loss(model, token_mask)
+    return sparsity_loss(model, token_mask), None
 
 
 def micro_batch_loss(model, input_ids, variant, lam, balance_coef):
     """Forward one micro-batch: the loss to minimise and its terms `[loss, lm, sparsity, balance]` (detached)."""
-    lm_loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-    sparse, balance = auxiliary_losses(model, variant)
+    inputs = model_inputs(input_ids)  # labels; a mask for truncate-mode padding
+    lm_loss = model(**inputs, use_cache=False).loss
+    sparse, balance = auxiliary_losses(model, variant, inputs.get("attention_mask"))
     sparse = lm_loss.new_zeros(()) if sparse is None else sparse
     balance = lm_loss.new_zeros(()) if balance is None else balance
     loss = lm_loss + lam * sparse + balance_coef * balance
@@ -123,10 +134,15 @@ def accumulate_gradients(accelerator, model, input_ids, accumulation, layers, va
     return accelerator.reduce(step_stats, "mean")
 
 
-def optimizer_step(accelerator, model, optimizer, scheduler, grad_clip, masked_params):
-    """Clip the gradients, update, re-zero a pruned init's weights, advance the schedule."""
-    if grad_clip > 0:
-        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+def clip_gradients(accelerator, model, grad_clip):
+    """Clip the gradients to norm `grad_clip` (0: no clipping); return their total norm before clipping.
+
+    Without clipping the norm comes from the same call with an infinite bound (it scales by exactly 1)."""
+    return accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+
+
+def optimizer_step(optimizer, scheduler, masked_params):
+    """Update, re-zero a pruned init's weights, advance the schedule."""
     optimizer.step()
     with torch.no_grad():
         for param, mask in masked_params:

@@ -5,14 +5,15 @@ many GPUs with FSDP under `accelerate launch` / `torchrun`. `batch_size` is the 
 sequences; each process takes its slice of it and accumulates gradients over micro-batches.
 
 Auxiliary loss by variant: the sparsity loss (Eq. 19) weighted by λ for dsmoe, no_ste and no_gx;
-the Switch load-balancing loss for topk; none for dense (the "dense continued" control).
+LLaMA-MoE's CV² balance loss for topk, the Switch load-balancing loss for topk_switch; none for dense (the "dense continued" control).
 Beyond the paper, off by default: an adaptive λ (ReMoE style) and a separate gate learning rate.
 
 This file: setup, the loop, the final save and the CLI; one step is in step.py, checkpoints and
-the resume decision in checkpoint.py, train_log.csv in log.py.
+the resume decision in checkpoint.py, stopping a diverged run in divergence.py, train_log.csv in log.py.
 """
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data as data_module
+from ..atomic import check_out
 from ..model import dsmoe_layers
 from .checkpoint import clear_checkpoints, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
+from .divergence import DivergenceGuard
 from .log import TrainLog
-from .step import (TrainingDiverged, accumulate_gradients, adapted_lambda, apply_variant, optimizer_step,
-                   param_groups, pruning_masks)
+from .milestones import clear_stale_milestones, milestone_steps, save_milestone, warn_missed
+from .step import (accumulate_gradients, adapted_lambda, apply_variant, clip_gradients, optimizer_step, param_groups,
+                   pruning_masks)
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_mixed_precision(name):
@@ -112,20 +118,26 @@ class Run:
     state: dict  # trainer_state.json of the checkpoint resumed from, or of step 0
     start: Path | None  # that checkpoint
     tensorboard: bool
+    milestones: dict  # {step: milestone tokens} of the models kept in RUN/milestones/ (Tables 5-6)
+    dtype: torch.dtype  # of the saved models
 
 
-def setup(config, init, data_dir, out, variant, overwrite, resume):
+def setup(config, init, data_dir, out, variant, overwrite, resume, milestones=False):
     """Everything before the first step: accelerator, checked data and model, resume decision, optimizer."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from ..hub import load_model
+    from ..hub import load_model, resolve_dtype
 
     tc = config["train"]
+    check_out(out / "model", "model", overwrite)
     out.mkdir(parents=True, exist_ok=True)
     tensorboard = importlib.util.find_spec("tensorboard") is not None
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc["mixed_precision"]),
                               log_with="tensorboard" if tensorboard else None, project_dir=str(out))
+    if accelerator.is_main_process:
+        logger.info("training on %d process(es), %s, mixed precision %s", accelerator.num_processes,
+                    accelerator.distributed_type.value, accelerator.mixed_precision)
     manifest = read_manifest(data_dir, config["data"]["seq_len"])
     total_steps, accumulation = batch_plan(tc, manifest["seq_len"], accelerator.num_processes)
     set_seed(tc["seed"])
@@ -144,14 +156,20 @@ def setup(config, init, data_dir, out, variant, overwrite, resume):
     named = dict(accelerator.unwrap_model(model).named_parameters())
     masked_params = [(named[name], mask.to(named[name].device)) for name, mask in masks.items()]
     state = {"step": 0, "fingerprint": fingerprint, "variant": variant, "sparsity_lambda": tc["sparsity_lambda"]}
-    if start.checkpoint is not None:
-        state = load_checkpoint(accelerator, start.checkpoint)
+    checkpoint = None
+    if start.checkpoints:
+        state, checkpoint = load_checkpoint(accelerator, out, start.checkpoints)
     batches = ProcessBatches(data_dir, manifest, tc, accelerator, start_step=state["step"])
+    tokens_per_step = tc["batch_size"] * manifest["seq_len"]
+    kept = milestone_steps(config["eval"]["milestone_tokens"], tokens_per_step, total_steps) if milestones else {}
+    clear_stale_milestones(accelerator, out, fingerprint, state["step"])
+    warn_missed(kept, out, state["step"])
     return Run(config=tc, out=out, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
                scheduler=scheduler, masked_params=masked_params, variant=variant, fingerprint=fingerprint,
                total_steps=total_steps, accumulation=accumulation,
-               tokens_per_step=tc["batch_size"] * manifest["seq_len"], batches=batches, state=state,
-               start=start.checkpoint, tensorboard=tensorboard)
+               tokens_per_step=tokens_per_step, batches=batches, state=state,
+               start=checkpoint, tensorboard=tensorboard, milestones=kept,
+               dtype=resolve_dtype(config["dtype"]))
 
 
 def training_loop(run):
@@ -160,16 +178,15 @@ def training_loop(run):
     step, lam = run.state["step"], run.state["sparsity_lambda"]
     layers = dsmoe_layers(run.model)
     log = TrainLog(accelerator, run.out, step, layers, run.tokens_per_step, run.tensorboard)
-    last_checkpoint = str(run.start) if run.start else None
+    guard = DivergenceGuard(accelerator, layers, tc["all_experts_off_steps"], len(run.tokenizer), run.start)
     bar = tqdm(total=run.total_steps, initial=step, desc=f"train {run.variant}", unit="step",
                disable=not accelerator.is_local_main_process)
     while step < run.total_steps:
         step_stats = accumulate_gradients(accelerator, run.model, run.batches.next_batch(), run.accumulation, layers,
                                           run.variant, lam, tc["load_balancing_coef"])
-        if not torch.isfinite(step_stats[0]):
-            raise TrainingDiverged(f"loss is {step_stats[0].item()} at step {step + 1}; training stopped. "
-                                   f"Last good checkpoint: {last_checkpoint or 'none'}")
-        optimizer_step(accelerator, run.model, run.optimizer, run.scheduler, tc["grad_clip"], run.masked_params)
+        grad_norm = clip_gradients(accelerator, run.model, tc["grad_clip"])
+        guard.check_step(step + 1, step_stats, grad_norm)
+        optimizer_step(run.optimizer, run.scheduler, run.masked_params)
         step += 1
         bar.update(1)
         log.add(step_stats)
@@ -177,29 +194,33 @@ def training_loop(run):
             row = log.write(step, lam, run.scheduler.get_last_lr()[0])
             bar.set_postfix(lm_loss=f"{row['lm_loss']:.3f}", active=f"{row['mean_active_fraction']:.2f}")
         lam = adapted_lambda(lam, step_stats, layers, run.variant, tc["adaptive_sparsity"])
+        if step in run.milestones:
+            save_milestone(run, step, run.milestones[step], run.dtype)
         if step % tc["checkpoint_every"] == 0 or step == run.total_steps:
             state = {"step": step, "fingerprint": run.fingerprint, "variant": run.variant, "sparsity_lambda": lam,
                      "data_position": run.batches.position(), "tokens": step * run.tokens_per_step}
-            last_checkpoint = str(save_checkpoint(accelerator, run.out, step, state, tc["keep_checkpoints"]))
+            guard.check_weights(run.model, step)
+            guard.saved(save_checkpoint(accelerator, run.out, step, state, tc["keep_checkpoints"]))
     bar.close()
 
 
-def train(config, init, data_dir, out, variant=None, overwrite=False, resume=True):
+def train(config, init, data_dir, out, variant=None, overwrite=False, resume=True, milestones=False):
     """Continued pretraining of the model in `init` on the prepared data `data_dir`; write `out`.
 
     Resumes from the newest checkpoint in `out` of the same run unless `resume` is False; refuses
-    checkpoints of a different config unless `overwrite`. Returns the path of the final model (`out/model`)."""
+    checkpoints of a different config unless `overwrite`. With `milestones`, keeps the model at each of
+    the config's `eval.milestone_tokens` in `out/milestones/`. Returns the path of the final model (`out/model`)."""
     from ..hub import resolve_dtype
 
-    run = setup(config, init, data_dir, Path(out), variant, overwrite, resume)
+    run = setup(config, init, data_dir, Path(out), variant, overwrite, resume, milestones)
     training_loop(run)
     pruning = Path(init) / "pruning.json"
     extra_files = [pruning] if pruning.is_file() else []
     return save_final_model(run.accelerator, run.model, run.tokenizer, run.out / "model", resolve_dtype(config["dtype"]),
-                            extra_files)
+                            extra_files, overwrite)
 
 
-def save_final_model(accelerator, model, tokenizer, path, dtype, extra_files=()):
+def save_final_model(accelerator, model, tokenizer, path, dtype, extra_files=(), overwrite=False):
     """The trained model, in the run's dtype, via save_pretrained (atomic); FSDP shards are gathered.
 
     `extra_files` (a pruned init's pruning.json) are copied beside it."""
@@ -210,9 +231,10 @@ def save_final_model(accelerator, model, tokenizer, path, dtype, extra_files=())
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         if state_dict is not None and accelerator.distributed_type.name == "FSDP":
-            save_model(unwrapped, tokenizer, path, extra_files, state_dict={k: v.to(dtype) for k, v in state_dict.items()})
+            save_model(unwrapped, tokenizer, path, extra_files, overwrite,
+                       state_dict={k: v.to(dtype) for k, v in state_dict.items()})
         else:
-            save_model(unwrapped.to(dtype), tokenizer, path, extra_files)
+            save_model(unwrapped.to(dtype), tokenizer, path, extra_files, overwrite)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return path
@@ -228,10 +250,13 @@ def register(subparsers):
     p.add_argument("--data", required=True, help="data directory written by `dsmoe data prepare`")
     p.add_argument("--out", required=True, help="run directory: model/, train_log.csv, checkpoints/")
     p.add_argument("--variant", default=None,
-                   help="dsmoe | no_ste | no_gx | topk: set the DSMoE training forward; dense: train the init as is "
+                   help="dsmoe | no_ste | no_gx | topk | topk_switch: set the DSMoE training forward; dense: train the init as is "
                         "(LM loss only). Default: the init model's own variant, or dense")
-    p.add_argument("--overwrite", action="store_true", help="discard checkpoints of a different config in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard checkpoints of a different config in --out, and replace an --out/model that is not a dsmoe model")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if --out holds checkpoints")
+    p.add_argument("--milestones", action="store_true",
+                   help="keep the model at each of the config's eval.milestone_tokens in OUT/milestones/ (Tables 5-6)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-4")
     p.set_defaults(func=cmd_train)
 
@@ -240,5 +265,5 @@ def cmd_train(args):
     from ..config import load_config, parse_overrides
 
     config = load_config(args.config, parse_overrides(args.set))
-    path = train(config, args.init, args.data, args.out, args.variant, args.overwrite, not args.no_resume)
+    path = train(config, args.init, args.data, args.out, args.variant, args.overwrite, not args.no_resume, args.milestones)
     print(f"wrote {path}")

@@ -1,10 +1,9 @@
 rule base_model:
     """The dense base model and tokenizer: the embedded GGUF, a local dir or a Hugging Face id."""
-    input:
-        config=ancient(RUN_CONFIG),
     output:
         model=directory(f"{RESOURCES}/base"),
     params:
+        config=RUN_CONFIG,
         base_model=config["base_model"],
         random_init=config["random_init"],
         dtype=config["dtype"],
@@ -13,4 +12,4 @@ rule base_model:
     conda:
         ENV
     shell:
-        "dsmoe base --config {input.config} --out {output.model} > {log} 2>&1"
+        "dsmoe base --config {params.config} --out {output.model} > {log} 2>&1"

@@ -1,7 +1,7 @@
 rule prune:
-    """Static pruning of the dense base model (LLM-Pruner-style channels, or Wanda), matched in size
-    to the trained DSMoE model's activated params unless baselines.prune_fraction fixes it; the
-    pruned model is then trained like the others (rule pretrain)."""
+    """Static pruning of the dense base model (SparseGPT, LLM-Pruner channel; FFN channels and Wanda as
+    extra rows), matched in size to the trained DSMoE model's activated params unless
+    baselines.prune_fraction fixes it; the pruned model is then trained like the others (rule pretrain)."""
     input:
         unpack(prune_inputs),
     output:
@@ -20,14 +20,15 @@ rule prune:
 
 
 rule drop_sweep:
-    """DualSparse-style training-free baseline: partition the dense model and drop weak experts per
-    token, over a sweep of thresholds."""
+    """Training-free partition and drop (an oracle on the dense FFN, after DualSparse-MoE): drop weak
+    experts per token, over a sweep of thresholds."""
     input:
         model=rules.base_model.output.model,
         data=rules.data.output.data,
     output:
         drop=f"{RESULTS}/eval/drop/drop.csv",
     params:
+        label=DROP,
         thresholds=" ".join(str(t) for t in config["baselines"]["drop_thresholds"]),
         n_experts=config["dsmoe"]["n_experts"],
         max_sequences=max_sequences_flag(),
@@ -37,6 +38,6 @@ rule drop_sweep:
     conda:
         ENV
     shell:
-        "dsmoe baseline drop --model {input.model} --data {input.data} --label drop"
+        "dsmoe baseline drop --model {input.model} --data {input.data} --label {params.label}"
         " --thresholds {params.thresholds} --n-experts {params.n_experts}"
         " --batch-size {params.batch_size} {params.max_sequences} --out {output.drop} > {log} 2>&1"

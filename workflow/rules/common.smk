@@ -7,7 +7,9 @@ import yaml
 from snakemake.utils import min_version, validate
 
 from dsmoe.config import check_cross_fields, coerce_numbers
-from dsmoe.names import DENSE, DENSE_CONTINUED, PRUNE_KINDS, RUN_DATA, SWEEP_GRIDS, TABLES, prune_method
+from dsmoe.launch import FSDP_CONFIG, launch_prefix
+from dsmoe.names import (DENSE, DENSE_CONTINUED, DROP, FIXED_ROUTING, PRUNE_KINDS, RUN_DATA, SWEEPS, TABLES, TOPK_VARIANTS,
+                         prune_method)
 
 min_version("9.0")
 
@@ -40,8 +42,9 @@ CONVERTED = list(config["variants"])  # dsmoe, no_ste, no_gx, topk: converted, t
 PRUNED = [prune_method(kind) for kind in config["baselines"]["prune"]]  # pruned, then trained dense
 TRAINED = CONVERTED + ([DENSE_CONTINUED] if config["dense_continued"] else []) + PRUNED
 EVALUATED = [DENSE] + TRAINED  # DENSE is the base model as it comes
-SWEPT = [variant for variant in SWEEP_GRIDS if variant in CONVERTED]  # each on its own τ grid
-RUN_CONFIG = f"{RESULTS}/config.yaml"  # written by rule run_config, read by the `dsmoe` commands
+SWEPT = [name for name, (variant, _, _) in SWEEPS.items() if variant in CONVERTED]  # dsmoe, no_gx (both ways of Fig. 2)
+DYNAMIC = [variant for variant in CONVERTED if variant not in FIXED_ROUTING]  # routing that can differ by token
+RUN_CONFIG = f"{RESULTS}/config.yaml"  # written when a run starts, read by the `dsmoe` commands
 
 
 def one_of(names):
@@ -56,10 +59,22 @@ wildcard_constraints:
     kind=one_of(PRUNE_KINDS),
 
 
-def write_run_config(path, log):
-    """The validated config with all defaults, as the `dsmoe` commands read it (rule run_config)."""
-    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
-    Path(log).write_text(f"wrote {path}\n")
+def write_run_config():
+    """The validated config with all defaults, as the `dsmoe` commands read it.
+
+    Written when a run starts (onstart, in the Snakefile; not when the Snakefile is parsed, nor
+    for -n or --lint), and only when its content changes. It is no rule's input: each rule lists
+    the config sections it reads as params, so that a change reruns only the rules that read it.
+    Written by a rule, it would rerun on every change and, even as an ancient() input, hide the
+    params changes of all the jobs downstream (snakemake/snakemake#4166).
+    """
+    path = Path(RUN_CONFIG)
+    text = yaml.safe_dump(config, sort_keys=False)
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".config.yaml.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def model_dir(label):
@@ -73,21 +88,33 @@ def eval_model_dir(wildcards):
     return model_dir(wildcards.model)
 
 
+def calibrated_gates(variant):
+    return config["dsmoe"]["gate_init"] == "calibrated" and variant not in TOPK_VARIANTS
+
+
+def partition(variant):
+    """Expert split of a variant: LLaMA-MoE's own for the top-k variants, contiguous (Eq. 6) for DSMoE."""
+    return config["dsmoe"]["topk_partition"] if variant in TOPK_VARIANTS else "contiguous"
+
+
 def convert_inputs(wildcards):
-    """The base model, plus the tokenised data when the gates are calibrated (beyond the paper)."""
+    """The base model, plus the tokenised data when the gates are calibrated (beyond the paper) or
+    the experts are split by co-activation."""
     inputs = {"model": f"{RESOURCES}/base"}
-    if config["dsmoe"]["gate_init"] == "calibrated" and wildcards.variant != "topk":
+    if calibrated_gates(wildcards.variant) or partition(wildcards.variant) == "coactivation":
         inputs["data"] = f"{RESOURCES}/data"
     return inputs
 
 
 def gate_init_flags(wildcards, input):
+    flags = f"--partition {partition(wildcards.variant)}"
     if "data" not in input.keys():
-        return ""
+        return flags
     settings = config["dsmoe"]
-    return (f"--gate-init calibrated --calibration-data {input.data}"
-            f" --calibration-sequences {settings['calibration_sequences']}"
-            f" --calibration-target {settings['calibration_target']}")
+    flags += f" --calibration-data {input.data} --calibration-sequences {settings['calibration_sequences']}"
+    if calibrated_gates(wildcards.variant):
+        flags += f" --gate-init calibrated --calibration-target {settings['calibration_target']}"
+    return flags
 
 
 def train_init(wildcards):
@@ -103,15 +130,31 @@ def train_variant(wildcards):
 
 
 def train_launcher(wildcards, resources):
-    """One process per GPU through accelerate when the job holds several GPUs, else plain `dsmoe`."""
-    gpus = int(resources.get("gpu", 0) or 0)
-    if gpus > 1:
-        return f"accelerate launch --multi_gpu --num_processes {gpus} -m dsmoe.cli"
-    return "dsmoe"
+    """`dsmoe`, or `accelerate launch` over the job's GPUs (FSDP) or its `cpu_processes` (DDP): dsmoe/launch.py."""
+    return launch_prefix(resources.get("gpu", 0), resources.get("cpu_processes", 1), BASEDIR / FSDP_CONFIG)
+
+
+def sweep_model(wildcards):
+    return f"{RESULTS}/models/{SWEEPS[wildcards.sweep][0]}/model"
 
 
 def sweep_taus(wildcards):
-    return " ".join(str(tau) for tau in config["eval"][SWEEP_GRIDS[wildcards.variant]])
+    return " ".join(str(tau) for tau in config["eval"][SWEEPS[wildcards.sweep][1]])
+
+
+def sweep_rescale_flag(wildcards):
+    """Fig. 2 both ways: the no_gx sweeps with and without Eq. 8's n/k at inference."""
+    rescale = SWEEPS[wildcards.sweep][2]
+    return "" if rescale is None else f"--no-gx-inference-rescale {str(rescale).lower()}"
+
+
+def milestone_flag(wildcards):
+    """Only the DSMoE run keeps models at token milestones (Tables 5-6)."""
+    return "--milestones" if wildcards.trained == "dsmoe" and config["eval"]["milestone_tokens"] else ""
+
+
+def milestone_outputs():
+    return [f"{RESULTS}/eval/milestones/dsmoe/milestones.csv"] if "dsmoe" in CONVERTED else []
 
 
 def max_sequences_flag():
@@ -143,9 +186,14 @@ def eval_outputs(kind, filename):
     return expand(f"{RESULTS}/eval/{kind}/{{model}}/{filename}", model=EVALUATED)
 
 
+def heatmap_names():
+    """Fig. 3: per model, layers x validation sources; per dynamic model, layers x benchmark tasks."""
+    return [f"heatmap_{model}" for model in CONVERTED] + [f"heatmap_tasks_{model}" for model in DYNAMIC]
+
+
 def figure_names():
     names = ["layer_profile", "explorer"] if "dsmoe" in CONVERTED else ["layer_profile"]
-    names += [f"heatmap_{model}" for model in CONVERTED]
+    names += heatmap_names() + ["token_curve"]
     names += ["tau_curves"] if "dsmoe" in SWEPT else []
     names += ["no_gx_curve"] if "no_gx" in SWEPT else []
     return names

@@ -9,7 +9,8 @@ rule convert:
         tau=config["dsmoe"]["tau"],
         top_k=config["dsmoe"]["top_k"],
         gate_init_std=config["dsmoe"]["gate_init_std"],
-        gate_init=gate_init_flags,
+        gate_init=gate_init_flags,  # and --partition
+        rescale=str(config["dsmoe"]["no_gx_inference_rescale"]).lower(),
     log:
         f"{LOGS}/convert/{{variant}}.log",
     conda:
@@ -17,4 +18,5 @@ rule convert:
     shell:
         "dsmoe convert --model {input.model} --variant {wildcards.variant}"
         " --n-experts {params.n_experts} --tau {params.tau} --top-k {params.top_k}"
-        " --gate-init-std {params.gate_init_std} {params.gate_init} --out {output.model} > {log} 2>&1"
+        " --gate-init-std {params.gate_init_std} {params.gate_init} --no-gx-inference-rescale {params.rescale}"
+        " --out {output.model} > {log} 2>&1"

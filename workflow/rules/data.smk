@@ -1,11 +1,11 @@
 rule data:
     """Tokenised training streams and held-out validation sequences, one per source."""
     input:
-        config=ancient(RUN_CONFIG),
         model=rules.base_model.output.model,
     output:
         data=directory(f"{RESOURCES}/data"),
     params:
+        config=RUN_CONFIG,
         data=config["data"],
         tokens=config["train"]["tokens"],
     log:
@@ -13,4 +13,4 @@ rule data:
     conda:
         ENV
     shell:
-        "dsmoe data prepare --config {input.config} --model {input.model} --out {output.data} > {log} 2>&1"
+        "dsmoe data prepare --config {params.config} --model {input.model} --out {output.data} > {log} 2>&1"

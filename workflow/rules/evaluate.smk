@@ -25,6 +25,7 @@ rule lm_eval:
         model=eval_model_dir,
     output:
         bench=f"{RESULTS}/eval/bench/{{model}}/bench.csv",
+        bench_layers=f"{RESULTS}/eval/bench/{{model}}/bench_layers.csv",
         results=f"{RESULTS}/eval/bench/{{model}}/results.json",
     params:
         out_dir=subpath(output.bench, parent=True),
@@ -38,3 +39,23 @@ rule lm_eval:
     shell:
         "dsmoe eval lm-eval --model {input.model} --label {wildcards.model} --suite {params.suite}"
         " --batch-size {params.batch_size} {params.limit} --out {params.out_dir} > {log} 2>&1"
+
+
+rule eval_milestones:
+    """Tables 5-6: perplexity of the DSMoE models kept at eval.milestone_tokens, and of the final one."""
+    input:
+        model=f"{RESULTS}/models/dsmoe/model",
+        data=rules.data.output.data,
+    output:
+        milestones=f"{RESULTS}/eval/milestones/dsmoe/milestones.csv",
+    params:
+        run_dir=subpath(input.model, parent=True),
+        max_sequences=max_sequences_flag(),
+        batch_size=config["eval"]["batch_size"],
+    log:
+        f"{LOGS}/eval_milestones.log",
+    conda:
+        ENV
+    shell:
+        "dsmoe eval milestones --run {params.run_dir} --data {input.data} --label dsmoe"
+        " --batch-size {params.batch_size} {params.max_sequences} --out {output.milestones} > {log} 2>&1"

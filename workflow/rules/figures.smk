@@ -4,16 +4,20 @@ rule collect:
         ppl=eval_outputs("ppl", "ppl.csv"),
         layers=eval_outputs("ppl", "layers.csv"),
         bench=eval_outputs("bench", "bench.csv"),
-        sweep=expand(f"{RESULTS}/eval/sweep/{{variant}}/sweep.csv", variant=SWEPT),
-        sweep_layers=expand(f"{RESULTS}/eval/sweep/{{variant}}/sweep_layers.csv", variant=SWEPT),
+        bench_layers=eval_outputs("bench", "bench_layers.csv"),
+        sweep=expand(f"{RESULTS}/eval/sweep/{{sweep}}/sweep.csv", sweep=SWEPT),
+        sweep_layers=expand(f"{RESULTS}/eval/sweep/{{sweep}}/sweep_layers.csv", sweep=SWEPT),
         drop=rules.drop_sweep.output.drop,
+        milestones=milestone_outputs(),
     output:
         ppl=f"{RESULTS}/data/ppl.csv",
         layers=f"{RESULTS}/data/layers.csv",
         bench=f"{RESULTS}/data/bench.csv",
+        bench_layers=f"{RESULTS}/data/bench_layers.csv",
         sweep=f"{RESULTS}/data/sweep.csv",
         sweep_layers=f"{RESULTS}/data/sweep_layers.csv",
         drop=f"{RESULTS}/data/drop.csv",
+        milestones=f"{RESULTS}/data/milestones.csv",
     params:
         out_dir=subpath(output.ppl, parent=True),
     log:
@@ -25,7 +29,7 @@ rule collect:
 
 
 rule notebook_tables:
-    """Tables 1-4 beside the paper's numbers, and the reproduced: yes/no lines."""
+    """Tables 1-6 beside the paper's numbers (Tables 5-6 also as a curve), and the reproduced: yes/no lines."""
     input:
         notebook=NOTEBOOKS / "tables.ipynb",
         data=rules.collect.output,
@@ -34,6 +38,10 @@ rule notebook_tables:
         tables=[
             report(path, caption="../report/tables.rst", category="Tables")
             for path in table_files()
+        ],
+        figures=[
+            report(path, caption="../report/token_curve.rst", category="Figures", subcategory="Tables 5-6")
+            for path in figure_files(["token_curve"])
         ],
         notebook=f"{RESULTS}/notebooks/tables.ipynb",
     params:
@@ -48,14 +56,14 @@ rule notebook_tables:
 
 
 rule notebook_heatmaps:
-    """Fig. 3: mean active experts per layer and validation source, one heatmap per model."""
+    """Fig. 3: mean active experts per layer and validation source (and benchmark task), per model."""
     input:
         notebook=NOTEBOOKS / "heatmaps.ipynb",
         data=rules.collect.output,
     output:
         heatmaps=[
             report(path, caption="../report/heatmap.rst", category="Figures", subcategory="Fig. 3")
-            for path in figure_files([f"heatmap_{model}" for model in CONVERTED])
+            for path in figure_files(heatmap_names())
         ],
         profile=[
             report(path, caption="../report/layer_profile.rst", category="Figures", subcategory="Fig. 3")
@@ -65,13 +73,14 @@ rule notebook_heatmaps:
     params:
         run=subpath(output.notebook, ancestor=2),
         models=" ".join(CONVERTED),
+        task_models=" ".join(DYNAMIC),
     log:
         f"{LOGS}/notebooks/heatmaps.log",
     conda:
         ENV
     shell:
         "papermill {input.notebook} {output.notebook} -p run_dir {params.run}"
-        " -p models '{params.models}' > {log} 2>&1"
+        " -p models '{params.models}' -p task_models '{params.task_models}' > {log} 2>&1"
 
 
 rule notebook_tau_curves:
@@ -83,7 +92,7 @@ rule notebook_tau_curves:
     output:
         figures=[
             report(path, caption="../report/tau_curves.rst", category="Figures", subcategory="Table 4, Fig. 2")
-            for path in figure_files([name for name in figure_names() if name.endswith("curves") or name.endswith("curve")])
+            for path in figure_files([name for name in figure_names() if name in ("tau_curves", "no_gx_curve")])
         ],
         notebook=f"{RESULTS}/notebooks/tau_curves.ipynb",
     params:

@@ -3,23 +3,26 @@ rule pretrain:
 
     Checkpoints live beside the declared output, in models/<name>/checkpoints/: an interrupted job
     resumes from the newest one when rerun (`snakemake --rerun-incomplete`); --overwrite lets a
-    changed train config (a params change, so a rerun) discard checkpoints of the old one.
+    changed train config (a params change, so a rerun) discard checkpoints of the old one. The DSMoE
+    run also keeps its model at eval.milestone_tokens in models/dsmoe/milestones/ (Tables 5-6).
     """
     input:
-        config=ancient(RUN_CONFIG),
         init=train_init,
         data=rules.data.output.data,
     output:
         model=directory(f"{RESULTS}/models/{{trained}}/model"),
     params:
+        config=RUN_CONFIG,
         train=config["train"],
         variant=train_variant,
         launch=train_launcher,
         run_dir=subpath(output.model, parent=True),
+        milestones=milestone_flag,
+        milestone_tokens=lambda wildcards: config["eval"]["milestone_tokens"] if milestone_flag(wildcards) else [],
     log:
         f"{LOGS}/pretrain/{{trained}}.log",
     conda:
         ENV
     shell:
-        "{params.launch} train --config {input.config} --init {input.init} --data {input.data}"
-        " --variant {params.variant} --overwrite --out {params.run_dir} > {log} 2>&1"
+        "{params.launch} train --config {params.config} --init {input.init} --data {input.data}"
+        " --variant {params.variant} {params.milestones} --overwrite --out {params.run_dir} > {log} 2>&1"
