@@ -13,6 +13,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from .names import TOPK_VARIANTS
+
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
 
 
@@ -168,8 +170,9 @@ def _random_init_errors(config):
 def _dsmoe_errors(config):
     settings, errors = config["dsmoe"], []
     n_experts, top_k = settings["n_experts"], settings["top_k"]
-    if "topk" in config["variants"] and top_k > n_experts:
-        errors.append(("dsmoe.top_k", f"top_k={top_k} exceeds dsmoe.n_experts={n_experts} (the topk variant "
+    topk = [variant for variant in config["variants"] if variant in TOPK_VARIANTS]
+    if topk and top_k > n_experts:
+        errors.append(("dsmoe.top_k", f"top_k={top_k} exceeds dsmoe.n_experts={n_experts} (the {topk[0]} variant "
                                       "routes each token to top_k of the n_experts experts)"))
     size, where = base_intermediate_size(config)
     if isinstance(size, int) and size % n_experts:

@@ -10,13 +10,14 @@ model is its dense parent, so it must reproduce the parent's logits on a few tok
 import argparse
 import contextlib
 import copy
+import functools
 
 import torch
-from torch import nn
 
 from .gate_init import calibrated_gate_weights, capture_ffn_inputs
 from .model import (TOPK_VARIANTS, DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, check_gate_init_std, check_n_experts, check_swiglu,
                     check_tau, check_top_k, check_variant, decoder_layers, dsmoe_layers, set_no_gx_inference_rescale)
+from .model.sparse_ffn import sparse_expert_ffn
 from .partition import check_partition, partition_units
 
 DEFAULTS = DSMoEConfig()  # n_experts, tau, variant, num_experts_per_tok, gate_init_std when not given
@@ -64,32 +65,30 @@ def validate_conversion(model, n_experts, tau, variant, top_k=None, gate_init_st
     check_plain_head(model)
 
 
-class _OpenGate(nn.Module):
-    """A gate whose logits open every expert with σ = 1 exactly (see `all_experts_on`)."""
-
-    def __init__(self, n_experts):
-        super().__init__()
-        self.n_experts = n_experts
-
-    def forward(self, x):
-        return x.new_full((x.shape[0], self.n_experts), 100.0, dtype=torch.float32)
+def _all_on_forward(layer, hidden_states):
+    """`layer`'s inference path with every expert active and coefficient 1: the dense FFN, through the experts."""
+    x = hidden_states.reshape(-1, layer.hidden_size)
+    coef = x.new_ones(x.shape[0], layer.n_experts)
+    active = torch.ones(x.shape[0], layer.n_experts, dtype=torch.bool, device=x.device)
+    out = sparse_expert_ffn(x, layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight, coef, active,
+                            layer.act_fn, down_t=layer._expert_down_weights())
+    return out.view(hidden_states.shape)
 
 
 @contextlib.contextmanager
 def all_experts_on(model):
     """Inside: every expert of every DSMoE layer on with coefficient 1, i.e. the dense FFN (eval mode).
 
-    Each gate outputs σ = 1 for every expert: k = n experts pass τ, the rescale n/k is 1, so each
-    expert's output is weighted by exactly 1 through the layer's own (sparse) forward."""
+    Each layer runs its own sparse inference path (`sparse_expert_ffn`, per-expert slices of its
+    weights) with every expert active and weighted 1, whatever its gate and variant."""
     layers = dsmoe_layers(model)
-    saved = [(layer.gate, layer.variant) for layer in layers]
     try:
         for layer in layers:
-            layer.gate, layer.variant = _OpenGate(layer.n_experts), "dsmoe"
+            layer.forward = functools.partial(_all_on_forward, layer)
         yield model
     finally:
-        for layer, (gate, variant) in zip(layers, saved):
-            layer.gate, layer.variant = gate, variant
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ result or a raw traceback (the Snakemake side of items 11 and 12 is in tests/tes
 
 import argparse
 import errno
+import importlib
 import json
 import logging
 import os
@@ -17,6 +18,8 @@ import dsmoe
 from dsmoe import cli
 from dsmoe.config import ConfigError, load_config, parse_overrides, validate_config
 from dsmoe.hub import save_model
+
+CONVERT = importlib.import_module("dsmoe.convert")  # the module; dsmoe.convert is its function
 
 
 def run_cli(args, capsys):
@@ -108,13 +111,30 @@ def test_item7_softcapping_and_logit_scale_are_refused_by_name(model_type, field
     assert not dsmoe.dsmoe_layers(model)
 
 
+@pytest.mark.parametrize("model_type", CONVERT.PLAIN_HEAD_MODEL_TYPES)
+def test_item7_every_plain_head_type_converts_to_its_dense_logits(model_type):
+    """The accepted list is right: each type converts (passing the dense-equivalence check), and the
+    converted model with every expert on gives the dense logits on other tokens, batched."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                                  bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = model(ids).logits
+    converted = dsmoe.convert(model, n_experts=4).eval()
+    assert converted.config.text_config.model_type == model_type
+    with CONVERT.all_experts_on(converted), torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, dense, rtol=1e-4, atol=1e-5)
+
+
 def test_item7_conversion_checks_dense_equivalence(monkeypatch, tiny_llama):
     """With every expert forced on, a converted model must reproduce its parent's logits: a head that the
     type check let through by mistake (here Granite's, 8x) is caught, and the dense MLPs are put back."""
-    import importlib
-
-    convert_module = importlib.import_module("dsmoe.convert")  # the module; dsmoe.convert is its function
-    monkeypatch.setattr(convert_module, "PLAIN_HEAD_MODEL_TYPES", (*convert_module.PLAIN_HEAD_MODEL_TYPES, "granite"))
+    monkeypatch.setattr(CONVERT, "PLAIN_HEAD_MODEL_TYPES", (*CONVERT.PLAIN_HEAD_MODEL_TYPES, "granite"))
     granite = tiny_granite()
     mlp_types = [type(layer.mlp) for layer in granite.model.layers]
     with pytest.raises(ValueError, match="does not reproduce its dense parent"):
@@ -126,7 +146,7 @@ def test_item7_conversion_checks_dense_equivalence(monkeypatch, tiny_llama):
         dense = tiny_llama(ids).logits
     model = dsmoe.convert(tiny_llama, n_experts=4).eval()
     gates = [layer.gate for layer in dsmoe.dsmoe_layers(model)]
-    with convert_module.all_experts_on(model), torch.no_grad():
+    with CONVERT.all_experts_on(model), torch.no_grad():
         torch.testing.assert_close(model(ids).logits, dense, rtol=1e-4, atol=1e-5)
     assert [layer.gate for layer in dsmoe.dsmoe_layers(model)] == gates
 
@@ -183,6 +203,7 @@ def test_item10_invalid_utf8_is_counted_and_refused_above_a_threshold(tmp_path, 
 
 @pytest.mark.parametrize("config, key, words", [
     ({"variants": ["topk"], "dsmoe": {"n_experts": 2, "top_k": 3}}, "dsmoe.top_k", "exceeds dsmoe.n_experts=2"),
+    ({"variants": ["dsmoe", "topk_switch"], "dsmoe": {"n_experts": 2, "top_k": 3}}, "dsmoe.top_k", "topk_switch variant"),
     ({"random_init": {"intermediate_size": 60}}, "dsmoe.n_experts", "does not divide the FFN intermediate size 60"),
     ({"random_init": {"hidden_size": 32}, "dsmoe": {"n_experts": 7}}, "dsmoe.n_experts", "11008"),
     ({"train": {"batch_size": 6, "micro_batch_size": 4}}, "train.batch_size", "not a multiple of train.micro_batch_size"),
@@ -256,7 +277,7 @@ def test_item13_full_and_read_only_disk(tiny_model_dir, tmp_path, capsys, monkey
     with monkeypatch.context() as patch:
         patch.setattr("tempfile.mkdtemp", read_only)
         code, _, err = run_cli(["convert", "--model", tiny_model_dir, "--n-experts", 4, "--out", tmp_path / "o"], capsys)
-    assert code == 2 and f"{tmp_path}/.o.x1y2z3: Read-only file system" in err and "Traceback" not in err
+    assert code == 2 and f"{tmp_path}/.o.tmp-" in err and "x1y2z3: Read-only file system" in err and "Traceback" not in err
 
 
 def test_item13_unwritable_out_fails_before_evaluating(moe_dir, tmp_path, capsys, monkeypatch):
