@@ -59,10 +59,12 @@ def _describe(path):
 
 
 def check_out(path, kind, overwrite=False):
-    """Refuse an existing `path` that is not an empty folder or a dsmoe output of `kind`, unless `overwrite`."""
+    """Refuse an existing `path` that is not an empty folder or a dsmoe output of `kind`, unless `overwrite`,
+    and a `path` that cannot be written (its folder is read-only or full, or one of its parents is a file)."""
     path = Path(path)
     if kind not in KINDS:
         raise ValueError(f"unknown output kind {kind!r}; choose one of {', '.join(KINDS)}")
+    _check_parents(path, "--out")  # a read-only or full disk fails now, not after the work
     if overwrite or not (path.exists() or path.is_symlink()):
         return
     if path.is_dir() and (output_kind(path) == kind or not any(path.iterdir())):
@@ -72,10 +74,12 @@ def check_out(path, kind, overwrite=False):
 
 
 def _check_writable(directory, path, flag):
+    """`directory` can take new files: writable, on a file system that is not read-only nor full."""
     if not os.access(directory, os.W_OK | os.X_OK):
         code = errno.EROFS if os.statvfs(directory).f_flag & os.ST_RDONLY else errno.EACCES
         raise OSError(code, f"{os.strerror(code)} (cannot write {flag} {str(path)!r} there)", str(directory))
-    if os.statvfs(directory).f_bavail == 0:
+    stats = os.statvfs(directory)
+    if stats.f_blocks > 0 and stats.f_bavail == 0:  # some network file systems report no sizes at all
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (cannot write {flag} {str(path)!r} there)",
                       str(directory))
 

@@ -293,6 +293,31 @@ def test_item13_unwritable_out_fails_before_evaluating(moe_dir, tmp_path, capsys
     assert code == 2 and f"{locked}: Permission denied (cannot write --out" in err
 
 
+def test_item13_full_or_read_only_disk_fails_before_the_model_loads(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """convert, base, data prepare, baseline prune (check_out): a full or read-only folder for --out is found first."""
+    from types import SimpleNamespace
+
+    full, read_only = tmp_path / "full", tmp_path / "ro"
+    full.mkdir(), read_only.mkdir()
+    real_statvfs, real_access = os.statvfs, os.access
+
+    def statvfs(path):
+        stats = real_statvfs(path)
+        if Path(path) == full:
+            return SimpleNamespace(f_blocks=stats.f_blocks, f_bavail=0, f_flag=stats.f_flag)
+        return SimpleNamespace(f_blocks=stats.f_blocks, f_bavail=stats.f_bavail,
+                               f_flag=stats.f_flag | (os.ST_RDONLY if Path(path) == read_only else 0))
+
+    monkeypatch.setattr("os.statvfs", statvfs)
+    monkeypatch.setattr("os.access", lambda path, mode, **kw: Path(path) != read_only and real_access(path, mode, **kw))
+    monkeypatch.setattr("dsmoe.hub.load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    code, _, err = run_cli(["convert", "--model", tiny_model_dir, "--out", full / "moe"], capsys)
+    assert code == 2 and f"{full}: No space left on device (cannot write --out" in err
+    code, _, err = run_cli(["convert", "--model", tiny_model_dir, "--out", read_only / "a" / "moe"], capsys)
+    assert code == 2 and f"{read_only}: Read-only file system (cannot write --out" in err
+    assert not (full / "moe").exists() and not (read_only / "a").exists()
+
+
 def test_item13_truncated_safetensors(moe_dir, tmp_path, capsys):
     broken = copy_model(moe_dir, tmp_path / "truncated")
     weights = broken / "model.safetensors"
