@@ -3,12 +3,16 @@
 Every output directory gets a marker, `dsmoe_output.json`, naming its kind (model, data, pruned).
 An existing `--out` is replaced only when it is a dsmoe output of the same kind (a rerun of the same
 command), is empty, or `overwrite` is given; anything else is refused, saying what is there.
+`check_output_file` and `check_output_dir` catch, before any work, what would make the final write
+fail after hours: the path exists as the other kind (a file where a directory is written, or the
+reverse), a parent is a file, or the directory is on a read-only or full file system.
 
 Temporary files and folders are written beside the target as `.NAME.tmp-HOST-PID-XXXX`: SIGINT and
 SIGTERM remove them, and the next write of the same target removes those whose process is gone.
 """
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -55,16 +59,66 @@ def _describe(path):
 
 
 def check_out(path, kind, overwrite=False):
-    """Refuse an existing `path` that is not an empty folder or a dsmoe output of `kind`, unless `overwrite`."""
+    """Refuse an existing `path` that is not an empty folder or a dsmoe output of `kind`, unless `overwrite`,
+    and a `path` that cannot be written (its folder is read-only or full, or one of its parents is a file)."""
     path = Path(path)
     if kind not in KINDS:
         raise ValueError(f"unknown output kind {kind!r}; choose one of {', '.join(KINDS)}")
+    _check_parents(path, "--out")  # a read-only or full disk fails now, not after the work
     if overwrite or not (path.exists() or path.is_symlink()):
         return
     if path.is_dir() and (output_kind(path) == kind or not any(path.iterdir())):
         return
     raise FileExistsError(f"--out {path} exists and {_describe(path)}; refusing to replace it with a {kind} "
                           "output: pass --overwrite to replace it, or choose another --out")
+
+
+def _check_writable(directory, path, flag):
+    """`directory` can take new files: writable, on a file system that is not read-only nor full."""
+    if not os.access(directory, os.W_OK | os.X_OK):
+        code = errno.EROFS if os.statvfs(directory).f_flag & os.ST_RDONLY else errno.EACCES
+        raise OSError(code, f"{os.strerror(code)} (cannot write {flag} {str(path)!r} there)", str(directory))
+    stats = os.statvfs(directory)
+    if stats.f_blocks > 0 and stats.f_bavail == 0:  # some network file systems report no sizes at all
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (cannot write {flag} {str(path)!r} there)",
+                      str(directory))
+
+
+def _check_parents(path, flag):
+    """The nearest existing ancestor of `path` must be a writable directory."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a directory")
+            _check_writable(parent, path, flag)
+            return
+
+
+def check_output_file(path, flag="--out"):
+    """`path` will be written as a file: it must not be a directory, nor lie under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {str(path)!r} is a directory; this command writes a file there "
+                                "(give a file path such as DIR/result.csv)")
+    _check_parents(path, flag)
+    return path
+
+
+def check_output_dir(path, files=(), flag="--out"):
+    """`path` will be a directory holding `files`: it must not be a file, nor hold a directory by those names."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{flag} {str(path)!r} is a file; this command writes a directory there "
+                                 f"({', '.join(files) or 'its outputs'})")
+    for name in files:
+        if (path / name).is_dir():
+            raise IsADirectoryError(f"{flag} {str(path)!r}: {str(path / name)!r} is a directory, where this command "
+                                    "writes a file")
+    if path.is_dir():
+        _check_writable(path, path, flag)
+    else:
+        _check_parents(path, flag)
+    return path
 
 
 def _pid_alive(pid):

@@ -1,16 +1,46 @@
-"""Dense -> DSMoE: convert a LLaMA-style causal LM in place (paper §4.1), and `dsmoe convert`."""
+"""Dense -> DSMoE: convert a LLaMA-style causal LM in place (paper §4.1), and `dsmoe convert`.
+
+A DSMoE checkpoint is the base model's decoder (`AutoModel` of its own type) under a plain `lm_head`.
+Model types whose causal-LM head does more than `lm_head(h)` (Granite's `logits_scaling`, Cohere's
+`logit_scale`, Gemma2's final soft-capping) would silently lose it, so only types with a plain head
+convert. Every conversion is then checked: with every expert forced on (coefficient 1) the converted
+model is its dense parent, so it must reproduce the parent's logits on a few tokens (exactly, in any
+dtype: the same GEMMs on the same weights; the parent's FFN units are grouped into experts first, a
+permutation that changes no function, tested in tests/test_llama_moe.py).
+"""
 
 import argparse
+import contextlib
 import copy
+import functools
 
 import torch
 
 from .gate_init import calibrated_gate_weights, capture_ffn_inputs
+from .model import (TOPK_VARIANTS, DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, check_gate_init_std, check_n_experts, check_swiglu,
+                    check_tau, check_top_k, check_variant, decoder_layers, dsmoe_layers, set_no_gx_inference_rescale)
 from .partition import check_partition, partition_units
-from .model import (TOPK_VARIANTS, DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, check_n_experts, check_swiglu, check_tau, check_top_k,
-                    check_variant, decoder_layers, dsmoe_layers, set_no_gx_inference_rescale)
 
 DEFAULTS = DSMoEConfig()  # n_experts, tau, variant, num_experts_per_tok, gate_init_std when not given
+# model types whose *ForCausalLM computes logits = lm_head(hidden states), nothing more (transformers 5)
+PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "smollm3", "helium")
+HEAD_SCALING_KEYS = ("logits_scaling", "logit_scale", "final_logit_softcapping")  # what other heads do, for the message
+CHECK_TOKENS = 16  # tokens of the dense-equivalence check
+CHECK_RTOL = {torch.float32: 1e-3, torch.float64: 1e-6}  # of the largest logit; 1e-2 in half precision
+
+
+def check_plain_head(model):
+    """Refuse, by name, a model type whose causal-LM head is not a plain `lm_head` (its logits would change)."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type in PLAIN_HEAD_MODEL_TYPES:
+        return
+    scaling = [f"{key}={getattr(config, key)}" for key in HEAD_SCALING_KEYS if getattr(config, key, None) is not None]
+    why = (f"{type(model).__name__} transforms its logits ({', '.join(scaling)}), which the plain lm_head of a DSMoE "
+           "checkpoint would drop" if scaling else
+           f"{type(model).__name__}'s head is not known to be a plain lm_head, which a DSMoE checkpoint has")
+    raise TypeError(f"model type {model_type!r} cannot be converted: {why}; "
+                    f"supported model types: {', '.join(PLAIN_HEAD_MODEL_TYPES)}")
 
 
 SINK_WINDOWS, SINK_LENGTH = 512, 4  # short calibration windows: many first positions (attention sinks)
@@ -34,21 +64,76 @@ def check_partitionable(model, n_experts):
         check_n_experts(n_experts, mlp.gate_proj.out_features, f" of model.layers.{i}.mlp")
 
 
-def validate_conversion(model, n_experts, tau, variant, top_k=None):
+def validate_conversion(model, n_experts, tau, variant, top_k=None, gate_init_std=None):
     """Raise a clear error for any argument or model that cannot be converted; change nothing."""
     check_variant(variant)
     check_tau(tau)
     check_n_experts(n_experts)
+    check_gate_init_std(DEFAULTS.gate_init_std if gate_init_std is None else gate_init_std)
     if variant in TOPK_VARIANTS:
         check_top_k(DEFAULTS.num_experts_per_tok if top_k is None else top_k, n_experts)
     if dsmoe_layers(model):
         raise ValueError(f"{type(model).__name__} is already a DSMoE model")
     check_partitionable(model, n_experts)
+    check_plain_head(model)
+
+
+def _all_on_forward(layer, hidden_states):
+    """`layer` with every expert on and coefficient 1: Σ_i 1·o_i, combined as in its training forward."""
+    x = hidden_states.reshape(-1, layer.hidden_size)
+    inter = layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x)
+    coef = inter.new_ones(x.shape[0], layer.n_experts, 1)
+    out = layer.down_proj((inter.view(-1, layer.n_experts, layer.expert_size) * coef).view(-1, layer.intermediate_size))
+    return out.view(hidden_states.shape)
+
+
+@contextlib.contextmanager
+def all_experts_on(model):
+    """Inside: every expert of every DSMoE layer on with coefficient 1, i.e. the dense FFN (eval mode).
+
+    Each layer weights every expert's slice of its intermediate activations by 1 and combines them
+    as its training forward does (one GEMM per projection, so that half precision rounds as the dense
+    model does), whatever its gate and variant."""
+    layers = dsmoe_layers(model)
+    try:
+        for layer in layers:
+            layer.forward = functools.partial(_all_on_forward, layer)
+        yield model
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+
+@torch.no_grad()
+def _check_logits(model, n_tokens=CHECK_TOKENS):
+    """`(input ids, float logits)` of an eval-mode forward on `n_tokens` fixed pseudo-random tokens."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (1, n_tokens), generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    try:
+        return ids, model.eval()(input_ids=ids.to(model.device), use_cache=False).logits.float()
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def check_dense_equivalence(converted, ids, reference):
+    """With every expert on, `converted` must give the `reference` logits of its dense parent on `ids`."""
+    with all_experts_on(converted):
+        _, logits = _check_logits(converted, ids.shape[1])
+    dtype = next(converted.parameters()).dtype
+    scale = reference.abs().max().item()
+    error = (logits - reference).abs().max().item()
+    if not error <= CHECK_RTOL.get(dtype, 1e-2) * max(scale, 1e-6):
+        raise ValueError(f"the converted {converted.config.base_architecture} does not reproduce its dense parent: with "
+                         f"every expert on, its logits differ by up to {error:.4g} (largest logit {scale:.4g}) on "
+                         f"{ids.shape[1]} tokens; its causal-LM head or decoder does something a DSMoE checkpoint "
+                         "does not (supported model types: " + ", ".join(PLAIN_HEAD_MODEL_TYPES) + ")")
 
 
 def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init_std=None,
             calibration_ids=None, calibration_target=0.95, calibration_spread=0.5, partition="contiguous",
-            partition_ids=None, no_gx_inference_rescale=True):
+            partition_ids=None, no_gx_inference_rescale=True, check=True):
     """Replace every decoder MLP of a LLaMA-style causal LM by a `DSMoEMLP`, in place.
 
     Returns a `DSMoEForCausalLM` that shares the given model's modules (no weight is copied).
@@ -60,23 +145,39 @@ def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init
     `partition` groups the FFN units into experts (`dsmoe.partition`); `coactivation` reads
     `partition_ids` (N x T token ids, or a list of such batches).
     `no_gx_inference_rescale`: see `DSMoEConfig` (it matters for the no_gx variant only).
+    With `check` (the default), the result with every expert on must reproduce the dense model's
+    logits on a few tokens (`check_dense_equivalence`); if not, the dense MLPs are put back and it raises.
     """
     n_experts = DEFAULTS.n_experts if n_experts is None else n_experts
     tau = DEFAULTS.tau if tau is None else tau
     variant = DEFAULTS.variant if variant is None else variant
     top_k = DEFAULTS.num_experts_per_tok if top_k is None else top_k
     gate_init_std = DEFAULTS.gate_init_std if gate_init_std is None else gate_init_std
-    validate_conversion(model, n_experts, tau, variant, top_k)
+    validate_conversion(model, n_experts, tau, variant, top_k, gate_init_std)
     check_partition(partition)
     if partition == "coactivation" and partition_ids is None:
         raise ValueError("the coactivation partition needs calibration token ids (partition_ids)")
+    if calibration_ids is not None and variant in TOPK_VARIANTS:
+        raise ValueError(f"the calibrated gate init applies to sigmoid gates, not to the {variant} router")
     partition_inputs = capture_ffn_inputs(model, partition_ids) if partition == "coactivation" else None
-    partition_units(model, n_experts, partition, partition_inputs)
-    ffn_inputs = None
-    if calibration_ids is not None:
-        if variant in TOPK_VARIANTS:
-            raise ValueError(f"the calibrated gate init applies to sigmoid gates, not to the {variant} router")
-        ffn_inputs = capture_ffn_inputs(model, calibration_ids)
+    partition_units(model, n_experts, partition, partition_inputs)  # a permutation: the same dense function
+    reference = _check_logits(model) if check else None  # the dense logits the converted model must give
+    ffn_inputs = None if calibration_ids is None else capture_ffn_inputs(model, calibration_ids)
+    dense_mlps = [layer.mlp for layer in decoder_layers(model)]
+    converted = _convert_layers(model, n_experts, tau, variant, top_k, gate_init_std, ffn_inputs, calibration_target,
+                                partition, no_gx_inference_rescale)
+    if reference is not None:
+        try:
+            check_dense_equivalence(converted, *reference)
+        except Exception:
+            for layer, mlp in zip(decoder_layers(model), dense_mlps):
+                layer.mlp = mlp
+            raise
+    return converted
+
+
+def _convert_layers(model, n_experts, tau, variant, top_k, gate_init_std, ffn_inputs, calibration_target, partition,
+                    no_gx_inference_rescale):
     config = DSMoEConfig(
         text_config=copy.deepcopy(model.config).to_dict(),
         n_experts=n_experts,
@@ -84,7 +185,7 @@ def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init
         variant=variant,
         num_experts_per_tok=top_k,
         gate_init_std=gate_init_std,
-        gate_init="normal" if calibration_ids is None else "calibrated",
+        gate_init="normal" if ffn_inputs is None else "calibrated",
         base_architecture=type(model).__name__,
         partition=partition,
     )
@@ -123,7 +224,7 @@ def register(subparsers):
     p.add_argument("--variant", default="dsmoe", help="dsmoe | no_ste | no_gx | topk (LLaMA-MoE) | topk_switch (Switch style): the training forward (default dsmoe)")
     p.add_argument("--top-k", type=int, default=top_k, help=f"experts per token of the top-k variants (default {top_k})")
     p.add_argument("--gate-init-std", type=float, default=gate_init_std,
-                   help=f"std of the normal init of the gate (default {gate_init_std})")
+                   help=f"std of the normal init of the gate, > 0 (default {gate_init_std})")
     p.add_argument("--gate-init", choices=["normal", "calibrated"], default="normal",
                    help="normal: N(0, std²) as in the paper; calibrated (beyond the paper): every expert starts open, "
                         "fitted on --calibration-data (see dsmoe/gate_init.py)")
@@ -165,8 +266,9 @@ def cmd_convert(args):
         if not args.calibration_data:
             raise ValueError("--gate-init calibrated and --partition coactivation need --calibration-data DATA")
         ids = calibration_inputs(args.calibration_data, args.calibration_sequences)
+    check_gate_init_std(args.gate_init_std)
     model, tokenizer = load_model(args.model)
-    validate_conversion(model, args.n_experts, args.tau, args.variant, args.top_k)
+    validate_conversion(model, args.n_experts, args.tau, args.variant, args.top_k, args.gate_init_std)
     model = convert(model, args.n_experts, args.tau, args.variant, args.top_k, args.gate_init_std,
                     calibration_ids=ids if args.gate_init == "calibrated" else None,
                     calibration_target=args.calibration_target, calibration_spread=args.calibration_spread,

@@ -6,6 +6,8 @@ smoke runs) and the `dsmoe base` and `dsmoe info` commands.
 
 import importlib.util
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -33,9 +35,56 @@ def resolve_model(name):
     return name, None
 
 
-def _check_local_path(path, gguf_file):
-    if gguf_file is None and not Path(path).exists() and (str(path).startswith((".", "/")) or Path(path).suffix):
-        raise FileNotFoundError(f"model path {path!r} does not exist")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "namespace/name"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def is_local(path):
+    """Whether `path` names a local file or directory (it exists, or only a path can look like it)."""
+    text = str(path)
+    return Path(text).expanduser().exists() or not HUB_ID.match(text) or text.startswith((".", "~"))
+
+
+def _check_local_path(path, gguf_file, model=True):
+    """A clear error for a local path that is missing, a file, or (`model`) a directory without a model config."""
+    if gguf_file is not None or not is_local(path):
+        return
+    local = Path(str(path)).expanduser()
+    if not local.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist (and is no Hugging Face id)")
+    if not local.is_dir():
+        raise ValueError(f"model path {str(path)!r} is a file, not a model directory (config.json and weights)")
+    if not model:
+        return
+    config = local / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{str(path)!r} holds no model: a model directory has config.json and weights "
+                         f"(it holds {', '.join(sorted(p.name for p in local.iterdir())[:8]) or 'nothing'})")
+    try:
+        json.loads(config.read_text())
+    except ValueError as err:
+        raise ValueError(f"cannot load a causal LM from {str(path)!r}: {config} is not valid JSON ({err})") from err
+
+
+def _check_tokenizer_files(path, gguf_file):
+    local = Path(str(path)).expanduser()
+    if gguf_file is None and local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{str(path)!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the base "
+                         "model's tokenizer files into it (perplexity and τ-sweeps need none)")
+
+
+def _damaged_weight_file(path):
+    """The first `*.safetensors` file under a local model directory that does not open, or None."""
+    from safetensors import safe_open
+
+    local = Path(str(path)).expanduser()
+    for file in sorted(local.glob("*.safetensors")) if local.is_dir() else []:
+        try:
+            with safe_open(file, "pt") as handle:
+                handle.keys()
+        except Exception:  # noqa: BLE001  (safetensors raises its own error type for any damage)
+            return file
+    return None
 
 
 def resolve_dtype(name="auto"):
@@ -45,58 +94,110 @@ def resolve_dtype(name="auto"):
     return DTYPES[name]
 
 
+def _load_tokenizer(name, path, gguf_file):
+    _check_tokenizer_files(path, gguf_file)
+    try:
+        return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    except Exception as err:  # transformers raises OSError, ValueError, ImportError... for a missing or bad tokenizer
+        where = "" if is_local(path) or gguf_file else " (no local directory of that name, so a Hugging Face id)"
+        raise ValueError(f"cannot load a tokenizer from {name!r}{where}: {err}") from err
+
+
 def load_tokenizer(name):
     """The tokenizer of a short name, a local directory or a Hub id."""
     path, gguf_file = resolve_model(name)
-    _check_local_path(path, gguf_file)
+    _check_local_path(path, gguf_file, model=False)
+    return _load_tokenizer(name, path, gguf_file)
+
+
+def _load_weights(name, path, gguf_file, dtype, kwargs):
+    """`AutoModelForCausalLM.from_pretrained`, refusing a checkpoint that lacks any of the model's weights."""
+    from safetensors import SafetensorError
+
     try:
-        return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load a tokenizer from {name!r}: {err}") from err
+        model, info = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=dtype,
+                                                           output_loading_info=True, **kwargs)
+    except SafetensorError as err:
+        damaged = _damaged_weight_file(path)
+        raise ValueError(f"cannot load a causal LM from {name!r}: {damaged or 'a weight file'} is damaged or "
+                         f"truncated ({err})") from err
+    except Exception as err:  # OSError, ValueError, KeyError, RuntimeError, EOFError...: name the path, keep the cause
+        where = "" if is_local(path) or gguf_file else " (no local directory of that name, so a Hugging Face id)"
+        raise ValueError(f"cannot load a causal LM from {name!r}{where}: {err}") from err
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise ValueError(f"{name!r} is an incomplete checkpoint: {len(missing)} weight tensor(s) of "
+                         f"{type(model).__name__} are not in its files ({shown}); they would be random")
+    return model
 
 
-def load_model(name, dtype=None, **kwargs):
+def load_model(name, dtype=None, tokenizer=True, **kwargs):
     """Load a causal LM and its tokenizer: a short name, a local directory or a Hub id.
 
-    A DSMoE checkpoint loads as `DSMoEForCausalLM`."""
+    A DSMoE checkpoint loads as `DSMoEForCausalLM`. A checkpoint that lacks any weight of its
+    model (a tied lm_head is not lacking) is refused, naming the tensors. With `tokenizer=False`
+    no tokenizer is loaded (`(model, None)`): perplexity needs none."""
     path, gguf_file = resolve_model(name)
     _check_local_path(path, gguf_file)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ValueError(f"cannot load a causal LM from {name!r}: {err}") from err
+    loaded_tokenizer = _load_tokenizer(name, path, gguf_file) if tokenizer else None
+    model = _load_weights(name, path, gguf_file, dtype, kwargs)
     if gguf_file is not None:  # dequantized to fp32: the weights are no longer GGUF-quantized
         model.config.quantization_config = None
         del model.config.quantization_config
         model.hf_quantizer = None
         model.is_quantized = False
         model.config.name_or_path = name
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    if loaded_tokenizer is not None and loaded_tokenizer.pad_token is None:
+        loaded_tokenizer.pad_token = loaded_tokenizer.eos_token
+    return model, loaded_tokenizer
+
+
+def as_os_error(err, path):
+    """safetensors reports a failed write (full disk, read-only file system) as its own error, with the
+    errno in the message: turn it into the OSError it is, naming `path`; other errors come back unchanged."""
+    found = re.search(r"os error (\d+)", str(err))
+    if found is None:
+        return err
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def save_model(model, tokenizer, out, extra_files=(), overwrite=False, kind="model", **save_kwargs):
     """Write `model` and `tokenizer` (and copies of `extra_files`) to `out` atomically.
 
-    An existing `out` is replaced only if it is a dsmoe output of `kind` (or `overwrite`): see `dsmoe.atomic`."""
-    with atomic_dir(out, kind, overwrite) as tmp:
-        model.save_pretrained(tmp, **save_kwargs)
-        tokenizer.save_pretrained(tmp)
-        for extra in extra_files:
-            shutil.copy(extra, tmp)
+    An existing `out` is replaced only if it is a dsmoe output of `kind` (or `overwrite`): see `dsmoe.atomic`.
+    A failed write (full disk, read-only file system) raises the OSError it is, naming `out`."""
+    from safetensors import SafetensorError
+
+    try:
+        with atomic_dir(out, kind, overwrite) as tmp:
+            model.save_pretrained(tmp, **save_kwargs)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for extra in extra_files:
+                shutil.copy(extra, tmp)
+    except SafetensorError as err:
+        raise as_os_error(err, out) from err
 
 
 def build_base_model(config):
     """Return `(model, tokenizer)` for a validated run config (see `dsmoe.config`)."""
     dtype = resolve_dtype(config["dtype"])
     if config.get("random_init") is None:
-        return load_model(config["base_model"], dtype=dtype)
+        model, tokenizer = load_model(config["base_model"], dtype=dtype)
+        rows = model.get_input_embeddings().num_embeddings
+        if rows < len(tokenizer):
+            raise ValueError(f"{config['base_model']!r}: its embedding has {rows} rows, fewer than the {len(tokenizer)} "
+                             "tokens of its tokenizer")
+        return model, tokenizer
     tokenizer = load_tokenizer(config["base_model"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     fields = {"vocab_size": len(tokenizer), "tie_word_embeddings": True, **config["random_init"]}
+    if fields["vocab_size"] < len(tokenizer):
+        raise ValueError(f"invalid config: key 'random_init.vocab_size': {fields['vocab_size']} is smaller than the "
+                         f"{len(tokenizer)} tokens of {config['base_model']!r}'s tokenizer; leave it out to match it")
     fields.setdefault("bos_token_id", tokenizer.bos_token_id)
     fields.setdefault("eos_token_id", tokenizer.eos_token_id)
     fields.setdefault("pad_token_id", tokenizer.pad_token_id)
@@ -132,7 +233,7 @@ def cmd_base(args):
 
 
 def cmd_info(args):
-    model, _ = load_model(args.path)
+    model, _ = load_model(args.path, tokenizer=False)
     config = model.config
     info = {"class": type(model).__name__, "model_type": config.model_type}
     if config.model_type == "dsmoe":

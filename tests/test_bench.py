@@ -136,5 +136,5 @@ def test_cli_bench_errors(tiny_model_dir, tmp_path, capsys):
     assert cli.main(["eval", "bench", "--model", str(tiny_model_dir), "--tau", "0", *out]) == 2
     assert "open interval" in capsys.readouterr().err
     assert cli.main(["eval", "bench", "--model", str(tmp_path), *out]) == 2
-    assert "cannot load a causal LM" in capsys.readouterr().err
+    assert "holds no model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -59,6 +59,12 @@ def test_dag_renders(tmp_path):
     ("train: {lr: fast}", ["lr", "number"]),
     ("dsmoe: {tau: 1.5}", ["tau", "1.5"]),
     ("variants: [dsmoe, moe]", ["variants", "moe"]),
+    # rules across keys (dsmoe.config.check_cross_fields), issue 12 item 11
+    ("dsmoe: {n_experts: 2, top_k: 3}", ["dsmoe.top_k", "exceeds dsmoe.n_experts=2"]),
+    ("dsmoe: {n_experts: 3}", ["dsmoe.n_experts", "intermediate size 64"]),
+    ("train: {batch_size: 6, micro_batch_size: 4}", ["train.batch_size", "micro_batch_size=4"]),
+    ("data: {seq_len: 32, sources: [{name: stdlib-code, kind: builtin}, {name: stdlib-code, kind: builtin}]}",
+     ["data.sources[1].name", "unique"]),
 ])
 def test_bad_config_stops_before_any_job(tmp_path, bad, words):
     config = tmp_path / "bad.yaml"
@@ -68,6 +74,19 @@ def test_bad_config_stops_before_any_job(tmp_path, bad, words):
     assert result.returncode != 0
     assert all(word in message for word in words), message[-3000:]
     assert not (tmp_path / "resources").exists()
+
+
+def test_exponent_float_in_configfile(tmp_path):
+    """`lr: 1e-4` (YAML 1.1: a string) in a --configfile is the number it looks like (issue 12 item 12)."""
+    config = tmp_path / "lr.yaml"
+    text = SMOKE.read_text()
+    assert "lr: 1.0e-3" in text
+    config.write_text(text.replace("lr: 1.0e-3", "lr: 1e-4"))
+    snakemake("--configfile", str(config), "--cores", "1", "resources/smoke/base", workdir=tmp_path)  # one quick job
+    import yaml
+
+    written = yaml.safe_load((tmp_path / "results" / "smoke" / "config.yaml").read_text())
+    assert written["train"]["lr"] == 1e-4
 
 
 @pytest.mark.slow

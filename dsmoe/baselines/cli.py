@@ -6,7 +6,7 @@ The top-k (LLaMA-MoE) baseline is the `topk` variant of `dsmoe convert`, trained
 import json
 from pathlib import Path
 
-from ..atomic import atomic_dir, check_out, write_csv
+from ..atomic import atomic_dir, check_out, check_output_file, write_csv
 from ..config import schema_default
 from ..names import PRUNE_KINDS
 
@@ -19,8 +19,9 @@ def cmd_drop(args):
     check_rule(args.rule)
     for threshold in args.thresholds:
         check_threshold(threshold)
+    check_output_file(args.out)
     validation = load_validation(args.data)
-    model, _ = load_model(args.model)
+    model, _ = load_model(args.model, tokenizer=False)
     partition_for_drop(model, args.n_experts, rule=args.rule)
     label = args.label or Path(args.model.rstrip("/")).name
     df = drop_sweep(model, validation, args.thresholds, label, args.batch_size, args.max_sequences)

@@ -40,7 +40,24 @@ def read_manifest(data_dir):
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{data_dir} holds no prepared data (no manifest.json); run `dsmoe data prepare`")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is damaged, not JSON ({err}); run `dsmoe data prepare` again") from err
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sources"), dict) or "seq_len" not in manifest:
+        raise ValueError(f"{path} is not a prepared-data manifest (no seq_len and sources); run `dsmoe data prepare`")
+    return manifest
+
+
+def load_array(path):
+    """A token array written by `dsmoe data prepare`, memory-mapped; a clear error for a missing or damaged file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the prepared data is incomplete; run `dsmoe data prepare` again")
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path} is damaged or truncated ({err}); run `dsmoe data prepare` again") from err
 
 
 def load_validation(data_dir):
@@ -49,7 +66,7 @@ def load_validation(data_dir):
     validation = {}
     for name in manifest["sources"]:
         path = Path(data_dir) / name / "val.npy"
-        sequences = np.load(path, mmap_mode="r")
+        sequences = load_array(path)
         if sequences.ndim != 2 or sequences.shape[1] != manifest["seq_len"]:
             raise ValueError(f"{path} has shape {sequences.shape}, expected (n, {manifest['seq_len']})")
         validation[name] = sequences
@@ -60,7 +77,7 @@ def load_train(data_dir):
     """`{source: (n_train, seq_len) int32 array}`: each training stream packed into sequences (memory-mapped);
     a truncate-mode stream is its rows, so packing gives them back."""
     manifest = read_manifest(data_dir)
-    return {name: pack(np.load(Path(data_dir) / name / "train.npy", mmap_mode="r"), manifest["seq_len"])
+    return {name: pack(load_array(Path(data_dir) / name / "train.npy"), manifest["seq_len"])
             for name in manifest["sources"]}
 
 
@@ -81,9 +98,7 @@ def calibration_windows(data_dir, n_sequences, seq_len=None):
         if count == 0:
             continue
         path = Path(data_dir) / name / "train.npy"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found (source {name!r} of {data_dir})")
-        stream = np.load(path, mmap_mode="r")
+        stream = load_array(path)
         if stream.ndim != 1 or len(stream) < seq_len:
             raise ValueError(f"{path} must be a 1-D token stream of at least seq_len={seq_len} tokens, got shape {stream.shape}")
         padded = manifest.get("sample_mode") == "truncate"

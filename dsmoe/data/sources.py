@@ -8,16 +8,25 @@
 
 Finite sources (builtin, local) order their documents by a hash of a stable key (relative path,
 topic, file:row); streamed ones in the seeded order of `datasets`' shuffle (`hf_stream`).
+
+Local `txt` and `jsonl` files are read as UTF-8: a file with a few undecodable bytes is read with
+U+FFFD in their place and a warning; one with more than `MAX_INVALID_UTF8` of its bytes undecodable
+is refused, naming the file (a wrong encoding, or a binary file the glob caught). The builtin stdlib
+source skips its few deliberately non-UTF-8 test files instead.
 """
 
 import glob
 import hashlib
 import importlib.util
 import json
+import logging
 import sysconfig
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
+
 BUILTIN_SOURCES = ("stdlib-code", "stdlib-prose")
+MAX_INVALID_UTF8 = 0.001  # fraction of a file's bytes that may be undecodable
 
 
 def _hash_key(key):
@@ -51,13 +60,38 @@ def stdlib_prose_documents():
 
 
 def _local_files(source):
+    """The files a local source's `path` (a file or glob) names; directories the glob matches are left out."""
     pattern = source.get("path")
     if not pattern:
         raise ValueError(f"source {source['name']!r} ({source['kind']}) needs `path`, a file or glob")
-    files = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
-    if not files:
+    matches = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
+    if not matches:
         raise FileNotFoundError(f"source {source['name']!r}: no file matches {pattern!r}")
+    files = [match for match in matches if not Path(match).is_dir()]
+    if not files:
+        example = f"{pattern.rstrip('/')}/*.{source['kind']}"
+        raise ValueError(f"source {source['name']!r}: {pattern!r} is a directory, not a file; "
+                         f"give a file or a glob such as {example!r}")
     return files
+
+
+def read_utf8(file, max_invalid=MAX_INVALID_UTF8):
+    """A file's text; undecodable bytes become U+FFFD, and more than `max_invalid` of them raise, naming the file."""
+    raw = Path(file).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    escaped = raw.decode("utf-8", errors="surrogateescape")  # one lone surrogate per undecodable byte
+    invalid = sum(1 for char in escaped if "\udc80" <= char <= "\udcff")
+    first = next(i for i, char in enumerate(escaped) if "\udc80" <= char <= "\udcff")
+    offset = len(escaped[:first].encode("utf-8", errors="surrogateescape"))
+    if invalid > max_invalid * len(raw):
+        raise ValueError(f"{file} is not UTF-8 text: {invalid} of its {len(raw)} bytes cannot be decoded (the first "
+                         f"at byte {offset}); the limit is {max_invalid:.1%}. Convert it to UTF-8 (iconv) or leave it "
+                         "out of the source's glob")
+    logger.warning("%s: %d undecodable bytes (the first at byte %d) read as U+FFFD", file, invalid, offset)
+    return raw.decode("utf-8", errors="replace")
 
 
 def _text_of(record, field, where):
@@ -73,16 +107,16 @@ def local_documents(source):
     kind, field, documents = source["kind"], source.get("text_field", "text"), []
     for file in _local_files(source):
         if kind == "txt":
-            documents.append((file, Path(file).read_text(encoding="utf-8", errors="replace")))
+            documents.append((file, read_utf8(file)))
         elif kind == "jsonl":
-            with open(file, encoding="utf-8") as handle:
-                for i, line in enumerate(handle, 1):
-                    if line.strip():
-                        try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError as err:
-                            raise ValueError(f"{file}:{i} is not valid JSON: {err}") from err
-                        documents.append((f"{file}:{i}", _text_of(record, field, f"{file}:{i}")))
+            lines = read_utf8(file).replace("\r\n", "\n").replace("\r", "\n").split("\n")  # as open() reads lines
+            for i, line in enumerate(lines, 1):
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{file}:{i} is not valid JSON: {err}") from err
+                    documents.append((f"{file}:{i}", _text_of(record, field, f"{file}:{i}")))
         else:
             import pyarrow.parquet as pq
 

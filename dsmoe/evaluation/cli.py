@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_file, write_csv
+from ..atomic import atomic_file, check_output_dir, check_output_file, write_csv
 from ..model import TOPK_VARIANTS, check_tau, dsmoe_layers
 from ..names import DENSE, DENSE_METHODS
 from .stamps import fingerprint, up_to_date, write_stamp
@@ -37,14 +37,33 @@ def model_label(model_path):
     return path.parent.name if path.name == "model" and path.parent.name else path.name
 
 
-def load_for_eval(model_path, dtype="auto", device="auto", tau=None, no_gx_inference_rescale=None):
+def resolve_device(name="auto"):
+    """A torch device name that exists here: auto is cuda when a GPU is available, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"--device {name!r} is not a torch device ({err}); use auto, cpu or cuda[:N]") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is available here (torch {torch.__version__}, "
+                             f"CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu or auto")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: device type {device.type!r} is not supported; use auto, cpu or cuda[:N]")
+    return str(device)
+
+
+def load_for_eval(model_path, dtype="auto", device="auto", tau=None, no_gx_inference_rescale=None, tokenizer=True):
     from ..hub import load_model, resolve_dtype
     from ..model import set_no_gx_inference_rescale, set_tau
 
-    model, tokenizer = load_model(str(model_path), dtype=resolve_dtype(dtype))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device).eval()
+    model, tokenizer = load_model(str(model_path), dtype=resolve_dtype(dtype), tokenizer=tokenizer)
+    model.to(resolve_device(device)).eval()
     if tau is not None:
         set_tau(model, tau)
     if no_gx_inference_rescale is not None and dsmoe_layers(model):
@@ -143,6 +162,8 @@ def register(subparsers):
 
 
 def _check_args(args):
+    """Every argument checked before any work: the device exists, numbers are in range."""
+    args.device = resolve_device(args.device)
     if getattr(args, "tau", None) is not None:
         check_tau(args.tau)
     if args.batch_size < 1:
@@ -164,7 +185,7 @@ def cmd_ppl(args):
     from .perplexity import evaluate_ppl
 
     _check_args(args)
-    out = Path(args.out)
+    out = check_output_dir(args.out, ["ppl.csv", "layers.csv"])
     outputs = [out / "ppl.csv", out / "layers.csv"]
     validation = load_validation(args.data)
     key = fingerprint([args.model, args.data], command="ppl", tau=args.tau, label=args.label, variant=args.variant,
@@ -172,7 +193,7 @@ def cmd_ppl(args):
     if up_to_date(out / ".ppl.stamp.json", key, outputs):
         print(f"{out}: up to date, nothing to do")
         return
-    model, _ = load_for_eval(args.model, args.dtype, args.device, args.tau, args.no_gx_inference_rescale)
+    model, _ = load_for_eval(args.model, args.dtype, args.device, args.tau, args.no_gx_inference_rescale, tokenizer=False)
     df = evaluate_ppl(model, validation, args.batch_size, args.max_sequences)
     front = ["model", "variant", "tau"]
     summary = apply_pruning_record(_columns(df, model, args), args.model)
@@ -190,8 +211,8 @@ def cmd_sweep(args):
     _check_args(args)
     for tau in args.taus:
         check_tau(tau)
-    out = Path(args.out)
-    outputs = [out] + ([Path(args.layers_out)] if args.layers_out else [])
+    out = check_output_file(args.out)
+    outputs = [out] + ([check_output_file(args.layers_out, "--layers-out")] if args.layers_out else [])
     stamp = out.with_name(f".{out.name}.stamp.json")
     validation = load_validation(args.data)
     key = fingerprint([args.model, args.data], command="sweep", taus=args.taus, label=args.label, variant=args.variant,
@@ -200,7 +221,8 @@ def cmd_sweep(args):
     if up_to_date(stamp, key, outputs):
         print(f"{out}: up to date, nothing to do")
         return
-    model, _ = load_for_eval(args.model, args.dtype, args.device, no_gx_inference_rescale=args.no_gx_inference_rescale)
+    model, _ = load_for_eval(args.model, args.dtype, args.device, no_gx_inference_rescale=args.no_gx_inference_rescale,
+                             tokenizer=False)
     df = sweep_tau(model, validation, args.taus, args.batch_size, args.max_sequences)
     layers = df.attrs["layers"]
     label = args.label or model_label(args.model)
@@ -221,7 +243,7 @@ def cmd_lm_eval(args):
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be positive, got {args.limit}")
     tasks = select_tasks(args.suite, args.tasks, args.num_fewshot)
-    out = Path(args.out)
+    out = check_output_dir(args.out, ["results.json", "bench.csv", "bench_layers.csv"])
     outputs, stamp = [out / "results.json", out / "bench.csv", out / "bench_layers.csv"], out / ".bench.stamp.json"
     storycloze_dir = args.storycloze_dir or os.environ.get(STORYCLOZE_ENV)
     task_key = fingerprint([args.model, TASKS_DIR], tau=args.tau, limit=args.limit, dtype=args.dtype, storycloze_dir=storycloze_dir,
@@ -251,7 +273,7 @@ def cmd_milestones(args):
     from .milestones import COLUMNS, evaluate_milestones
 
     _check_args(args)
-    run, out = Path(args.run), Path(args.out)
+    run, out = Path(args.run), check_output_file(args.out)
     stamp = out.with_name(f".{out.name}.stamp.json")
     validation = load_validation(args.data)
     key = fingerprint([run / "milestones", run / "model", run / "train_log.csv", args.data], command="milestones",
@@ -262,7 +284,7 @@ def cmd_milestones(args):
     models = []
 
     def load(path):
-        model, _ = load_for_eval(path, args.dtype, args.device)
+        model, _ = load_for_eval(path, args.dtype, args.device, tokenizer=False)
         models.append(model_method(model))
         return model
 

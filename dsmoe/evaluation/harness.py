@@ -117,6 +117,15 @@ def evaluate_task(lm, model, spec, num_fewshot, limit=None, task_manager=None, l
     return out
 
 
+def dataset_error(name, err):
+    """A clear error for a task whose dataset cannot be loaded (offline, not cached, no such dataset)."""
+    offline = [var for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(var, "") not in ("", "0")]
+    why = f", offline ({', '.join(offline)} set) and not in the Hugging Face cache" if offline else ""
+    return ValueError(f"lm-eval task {name!r}: its dataset cannot be loaded{why} ({type(err).__name__}: {err}). "
+                      "The paper suite downloads its datasets from the Hugging Face Hub: run it once online (the "
+                      "cache then serves offline runs), or use --suite local")
+
+
 def wrap_model(model, tokenizer, batch_size=8):
     """lm-eval's HFLM around an already loaded causal LM."""
     from lm_eval.models.huggingface import HFLM
@@ -179,7 +188,10 @@ def run_bench(model, tokenizer, tasks, limit=None, batch_size=8, storycloze_dir=
         if cache and cache.is_file() and json.loads(cache.read_text()).get("key") == cache_key:
             out = json.loads(cache.read_text())["output"]
         else:
-            out = evaluate_task(lm, model, spec, num_fewshot, limit, task_manager)
+            try:
+                out = evaluate_task(lm, model, spec, num_fewshot, limit, task_manager)
+            except OSError as err:  # ConnectionError, FileNotFoundError, DatasetNotFoundError from `datasets`
+                raise dataset_error(name, err) from err
             out = json.loads(json.dumps({k: out[k] for k in merged if k in out}, default=handle_non_serializable))
             if cache:
                 with atomic_file(cache) as handle:

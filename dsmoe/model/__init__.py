@@ -4,7 +4,8 @@ registration with the transformers Auto classes."""
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .configuration_dsmoe import PARTITIONS, TOPK_VARIANTS, VARIANTS, DSMoEConfig, check_n_experts, check_tau, check_top_k, check_variant
+from .configuration_dsmoe import (PARTITIONS, TOPK_VARIANTS, VARIANTS, DSMoEConfig, check_gate_init_std, check_n_experts,
+                                  check_tau, check_top_k, check_variant)
 from .configuration_pruned_llama import PrunedLlamaConfig
 from .modeling_dsmoe import (DSMoEForCausalLM, DSMoEMLP, NoisyTopKGate, check_swiglu, cv_squared, decoder_layers, dsmoe_layers,
                              route, set_no_gx_inference_rescale, set_tau)
@@ -30,6 +31,7 @@ __all__ = [
     "PrunedLlamaConfig",
     "PrunedLlamaForCausalLM",
     "cv_squared",
+    "check_gate_init_std",
     "check_n_experts",
     "check_swiglu",
     "check_tau",

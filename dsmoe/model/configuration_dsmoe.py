@@ -38,6 +38,15 @@ def check_n_experts(n_experts, intermediate_size=None, where=""):
     return n_experts
 
 
+def check_gate_init_std(gate_init_std):
+    """The std of the gates' normal init must be a positive finite number: with 0 every gate starts at
+    σ(0) = 0.5, not above τ = 0.5, so every expert would start (and stay) off."""
+    if isinstance(gate_init_std, bool) or not isinstance(gate_init_std, (int, float)) or not 0 < gate_init_std < float("inf"):
+        raise ValueError(f"gate_init_std must be a positive number (the std of the gates' normal init; 0 starts "
+                         f"every expert off), got {gate_init_std!r}")
+    return float(gate_init_std)
+
+
 def check_top_k(top_k, n_experts):
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k={top_k!r} (num_experts_per_tok) must lie in [1, n_experts={n_experts}]")
@@ -88,9 +97,11 @@ class DSMoEConfig(PreTrainedConfig):
         check_variant(self.variant)
         check_tau(self.tau)
         check_n_experts(self.n_experts, getattr(self.text_config, "intermediate_size", None))
+        check_gate_init_std(self.gate_init_std)
         if self.variant in TOPK_VARIANTS:
             check_top_k(self.num_experts_per_tok, self.n_experts)
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
 
-__all__ = ["DSMoEConfig", "PARTITIONS", "TOPK_VARIANTS", "VARIANTS", "check_n_experts", "check_tau", "check_top_k", "check_variant"]
+__all__ = ["DSMoEConfig", "PARTITIONS", "TOPK_VARIANTS", "VARIANTS", "check_gate_init_std", "check_n_experts", "check_tau",
+           "check_top_k", "check_variant"]

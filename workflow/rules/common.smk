@@ -6,6 +6,7 @@ from pathlib import Path
 import yaml
 from snakemake.utils import min_version, validate
 
+from dsmoe.config import check_cross_fields, coerce_numbers
 from dsmoe.launch import FSDP_CONFIG, launch_prefix
 from dsmoe.names import (DENSE, DENSE_CONTINUED, DROP, FIXED_ROUTING, PRUNE_KINDS, RUN_DATA, SWEEPS, TABLES, TOPK_VARIANTS,
                          prune_method)
@@ -21,8 +22,12 @@ if not workflow.overwrite_configfiles:
 
 
 # Fills every default from the schema (dsmoe/schemas/config.schema.yaml, the single source of
-# defaults) and stops before any job runs when the config does not match it.
+# defaults) and stops before any job runs (a dry run too) when the config does not match it, or
+# when keys contradict each other (dsmoe.config.check_cross_fields, as in the `dsmoe` commands).
+# Snakemake reads --configfile as YAML 1.1, where `lr: 1e-4` is a string; numbers are coerced first.
+coerce_numbers(config)
 validate(config, "../schemas/config.schema.yaml")
+check_cross_fields(config)
 
 RUN = config["run_name"]
 RESOURCES = f"resources/{RUN}"
