@@ -241,6 +241,8 @@ def register(subparsers):
                    help="logit spread between the experts of a token, times its score in [-2, 2] (default %(default)s)")
     p.add_argument("--no-gx-inference-rescale", type=parse_bool, default=schema_default("dsmoe.no_gx_inference_rescale"),
                    metavar="{true,false}", help="no_gx variant: apply Eq. 8's n/k at inference (default %(default)s)")
+    p.add_argument("--seed", type=int, default=schema_default("train.seed"),
+                   help="seed of the random gate init and partition: the same seed gives the same model")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a dsmoe model")
     p.set_defaults(func=cmd_convert)
@@ -268,6 +270,7 @@ def cmd_convert(args):
         ids = calibration_inputs(args.calibration_data, args.calibration_sequences)
     check_gate_init_std(args.gate_init_std)
     model, tokenizer = load_model(args.model)
+    torch.manual_seed(args.seed)
     validate_conversion(model, args.n_experts, args.tau, args.variant, args.top_k, args.gate_init_std)
     model = convert(model, args.n_experts, args.tau, args.variant, args.top_k, args.gate_init_std,
                     calibration_ids=ids if args.gate_init == "calibrated" else None,

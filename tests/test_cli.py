@@ -89,6 +89,21 @@ def iter_commands(parser, prefix="dsmoe"):
             yield prefix, action
 
 
+def test_convert_seed_gives_the_same_gates(tiny_model_dir, tmp_path):
+    """`dsmoe convert --seed`: the same seed gives bitwise the same gates, another seed other gates."""
+    from safetensors.torch import load_file
+
+    def gates(name, seed):
+        out = tmp_path / name
+        assert main(["convert", "--model", str(tiny_model_dir), "--n-experts", "4", "--seed", str(seed), "--out", str(out)]) == 0
+        torch.manual_seed(seed + 1)  # the RNG state outside the command must not matter
+        return {k: v for k, v in load_file(out / "model.safetensors").items() if ".mlp.gate." in k}
+
+    first, again, other = gates("a", 7), gates("b", 7), gates("c", 8)
+    assert first and all(torch.equal(first[k], again[k]) for k in first)
+    assert not any(torch.equal(first[k], other[k]) for k in first)
+
+
 def test_every_flag_has_help():
     for command, action in iter_commands(build_parser()):
         assert action.help, f"{command} {action.option_strings or action.dest} has no help"
