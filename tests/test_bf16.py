@@ -151,3 +151,15 @@ def test_bf16_gpu_check_plumbing_on_the_cpu(tiny_model_dir, tmp_path):
     assert math.isfinite(report["training"]["final_lm_loss"])
     assert [row["T"] for row in report["rows"]] == [1, 16]
     assert "tokens/s" in result.stdout and "sparse/dense" in result.stdout
+
+
+def test_bf16_auto_precision_only_where_bf16_is_fast(monkeypatch):
+    """`train.mixed_precision: auto` picks bf16 on a CPU with AMX tiles and fp32 on one without."""
+    from dsmoe.train.trainer import resolve_mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_mixed_precision("auto") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_mixed_precision("auto") == "no"
+    assert resolve_mixed_precision("bf16") == "bf16" and resolve_mixed_precision("no") == "no"

@@ -36,9 +36,15 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_mixed_precision(name):
+    """`auto`: bf16 where it is fast (a CUDA GPU with bf16, a CPU with AMX tiles), else fp32 ("no").
+
+    Without AMX a CPU computes bf16 matmuls several times slower than fp32 (7x measured on an AVX2 EPYC)."""
     if name != "auto":
         return name
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return "bf16" if amx() else "no"
 
 
 def batch_plan(train_config, seq_len, num_processes):
