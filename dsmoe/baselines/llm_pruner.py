@@ -21,9 +21,9 @@ and reloads with plain transformers. LLM-Pruner's block mode (per-layer heads an
 """
 
 import torch
-from tqdm.auto import tqdm
 
 from ..model import decoder_layers
+from .taylor import calibration_gradients
 
 INPUT_SIDE = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
 OUTPUT_SIDE = ("o_proj.weight", "down_proj.weight")
@@ -57,27 +57,11 @@ def hidden_channel_importance(model, calibration, batch_size=1):
     hidden = model.config.hidden_size
     coupled = [(p, hidden_axis(name, p.shape, hidden)) for name, p in model.named_parameters()]
     coupled = [(p, axis) for p, axis in coupled if axis is not None]
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    model.eval()
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p, _ in coupled:
-            p.requires_grad_(True)
-            p.grad = None
-        for batch in tqdm(calibration.split(batch_size), desc="taylor importance", leave=False):
-            model(input_ids=batch, labels=batch).loss.backward()
-        score = torch.zeros(hidden, dtype=torch.float64)
+    score = torch.zeros(hidden, dtype=torch.float64)
+    with calibration_gradients(model, calibration, [p for p, _ in coupled], batch_size):
         for p, axis in coupled:
             contribution = (p * p.grad).abs().double()
             score += contribution.sum(1 - axis) if contribution.dim() == 2 else contribution
-    finally:
-        for p, _ in coupled:
-            p.grad = None
-        for p, flag in saved:
-            p.requires_grad_(flag)
-        model.train(was_training)
     return score
 
 

@@ -31,9 +31,9 @@ Written by hand rather than with torch-pruning, for the reasons given in `llm_pr
 """
 
 import torch
-from tqdm.auto import tqdm
 
 from ..model import PrunedLlamaConfig, PrunedLlamaForCausalLM, check_swiglu, decoder_layers
+from .taylor import calibration_gradients
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -98,31 +98,15 @@ def block_importance(model, calibration, block_layers=None, batch_size=1):
     layers = {i: decoder_layers(model)[i] for i in block_layer_range(model, block_layers)}
     weights = [getattr(layer.self_attn, n).weight for layer in layers.values() for n in ATTENTION]
     weights += [getattr(layer.mlp, n).weight for layer in layers.values() for n in FFN]
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    model.eval()
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
-            w.grad = None
-        for batch in tqdm(calibration.split(batch_size), desc="taylor importance", leave=False):
-            model(input_ids=batch, labels=batch).loss.backward()
-        taylor = lambda module, name: (getattr(module, name).weight * getattr(module, name).weight.grad).abs().double()
-        scores = {}
+    taylor = lambda module, name: (getattr(module, name).weight * getattr(module, name).weight.grad).abs().double()
+    scores = {}
+    with calibration_gradients(model, calibration, weights, batch_size):
         for i, layer in layers.items():
             attn, mlp = layer.self_attn, layer.mlp
             groups = sum(taylor(attn, n).reshape(kv_heads, -1).sum(1) for n in ("q_proj", "k_proj", "v_proj"))
             groups = groups + taylor(attn, "o_proj").reshape(-1, kv_heads, heads // kv_heads * head_dim).sum((0, 2))
             units = taylor(mlp, "gate_proj").sum(1) + taylor(mlp, "up_proj").sum(1) + taylor(mlp, "down_proj").sum(0)
             scores[i] = (groups.detach(), units.detach())
-    finally:
-        for w in weights:
-            w.grad = None
-        for p, flag in saved:
-            p.requires_grad_(flag)
-        model.train(was_training)
     return scores
 
 

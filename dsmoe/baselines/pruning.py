@@ -29,6 +29,7 @@ from ..names import UNSTRUCTURED_PRUNE_KINDS
 from .llm_pruner import hidden_params_per_channel, llm_pruner_channel
 from .llm_pruner_block import block_prunable_param_count, llm_pruner_block
 from .sparsegpt import decoder_linear_param_count, layer_linears, sparsegpt
+from .taylor import calibration_gradients
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -91,28 +92,12 @@ def taylor_channel_importance(model, calibration, batch_size=1):
     """First-order Taylor importance of every intermediate unit: a list (one per layer) of D-vectors."""
     mlps = ffn_mlps(model)
     weights = [getattr(mlp, name).weight for mlp in mlps for name in PROJECTIONS]
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    model.eval()
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
-            w.grad = None
-        for batch in _batches(calibration, batch_size, "taylor importance"):
-            model(input_ids=batch, labels=batch).loss.backward()
-        scores = []
+    scores = []
+    with calibration_gradients(model, calibration, weights, batch_size):
         for mlp in mlps:
             gate, up, down = (getattr(mlp, name).weight for name in PROJECTIONS)
             score = (gate * gate.grad).abs().sum(1) + (up * up.grad).abs().sum(1) + (down * down.grad).abs().sum(0)
             scores.append(score.detach().double())
-    finally:
-        for w in weights:
-            w.grad = None
-        for p, flag in saved:
-            p.requires_grad_(flag)
-        model.train(was_training)
     return scores
 
 
