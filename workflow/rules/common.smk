@@ -177,10 +177,13 @@ def prune_inputs(wildcards):
 
 
 def prune_size_flag(wildcards, input):
-    """A fixed pruning fraction, or the activated-params percent read from input.match."""
-    if "match" in input.keys():
-        return f"--match-ppl-csv {input.match}"
-    return f"--fraction {config['baselines']['prune_fraction']}"
+    """A fixed pruning fraction, or the activated-params percent read from input.match; and the
+    layers LLM-Pruner-block prunes where the config sets them."""
+    flags = f"--match-ppl-csv {input.match}" if "match" in input.keys() else f"--fraction {config['baselines']['prune_fraction']}"
+    block_layers = config["baselines"]["block_layers"]
+    if wildcards.kind == "llm_pruner_block" and block_layers is not None:
+        flags += " --block-layers {} {}".format(*block_layers)
+    return flags
 
 
 def eval_outputs(kind, filename):
