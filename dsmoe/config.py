@@ -74,7 +74,8 @@ def _fill_defaults(validator_class):
 
 def coerce_numbers(config, schema=None):
     """Turn strings such as "1e-4" into floats, in place, wherever the schema expects a number and no string
-    (and inside objects whose keys it leaves free, i.e. random_init).
+    (and inside objects whose keys it leaves free, i.e. random_init); and YAML 1.1's `no` (read as false)
+    back into "no" where the schema expects that string (`train.mixed_precision: no`).
 
     For configs read by another YAML 1.1 reader (Snakemake's `--configfile`) before the schema check."""
     schema = load_schema() if schema is None else schema
@@ -86,6 +87,8 @@ def coerce_numbers(config, schema=None):
         if (isinstance(value, str) and (free_form or "number" in types and "string" not in types)
                 and FLOAT_PATTERN.match(value.strip())):
             return float(load_yaml(value.strip()))
+        if value is False and "string" in types and "no" in node.get("enum", []):  # YAML 1.1 reads `no` as false
+            return "no"
         if isinstance(value, dict):
             for key in value:
                 value[key] = coerce(value[key], node.get("properties", {}).get(key, {}))

@@ -53,3 +53,14 @@ def test_paper_configs_state_their_sampling_and_languages(path):
     assert "maximum sample length" in text  # the reason for truncation, quoted from §5.1
     assert config["eval"]["milestone_tokens"] == yaml.safe_load(
         (ROOT / "dsmoe" / "report" / "paper_results.yaml").read_text())["table5_6"][0 if "1b" in path.stem else 1]["tokens"]
+
+
+def test_mixed_precision_no_is_the_string_yaml_11_reads_as_false():
+    """`--set train.mixed_precision=no` (YAML 1.1: false) means fp32, not a type error."""
+    from dsmoe.config import parse_overrides, validate_config
+
+    config = {"train": {}}
+    for key, value in parse_overrides(["train.mixed_precision=no"]).items():
+        config["train"][key.split(".")[1]] = value
+    assert config["train"]["mixed_precision"] is False
+    assert validate_config(config)["train"]["mixed_precision"] == "no"
