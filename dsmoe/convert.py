@@ -165,7 +165,7 @@ def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init
     ffn_inputs = None if calibration_ids is None else capture_ffn_inputs(model, calibration_ids)
     dense_mlps = [layer.mlp for layer in decoder_layers(model)]
     converted = _convert_layers(model, n_experts, tau, variant, top_k, gate_init_std, ffn_inputs, calibration_target,
-                                partition, no_gx_inference_rescale)
+                                calibration_spread, partition, no_gx_inference_rescale)
     if reference is not None:
         try:
             check_dense_equivalence(converted, *reference)
@@ -176,8 +176,8 @@ def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init
     return converted
 
 
-def _convert_layers(model, n_experts, tau, variant, top_k, gate_init_std, ffn_inputs, calibration_target, partition,
-                    no_gx_inference_rescale):
+def _convert_layers(model, n_experts, tau, variant, top_k, gate_init_std, ffn_inputs, calibration_target,
+                    calibration_spread, partition, no_gx_inference_rescale):
     config = DSMoEConfig(
         text_config=copy.deepcopy(model.config).to_dict(),
         n_experts=n_experts,
