@@ -328,31 +328,28 @@ def decoder_layers(model):
     return layers
 
 
-def set_tau(model, tau):
-    """Set the threshold τ of every DSMoE layer (and the config, so that it is saved)."""
-    tau = check_tau(tau)
+def _set_on_layers(model, name, value):
+    """Set attribute `name` of every DSMoE layer, and of the config so that it is saved."""
     layers = dsmoe_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no DSMoE layer to set tau on")
+        raise ValueError(f"{type(model).__name__} has no DSMoE layer to set {name} on")
     for layer in layers:
-        layer.tau = tau
+        setattr(layer, name, value)
     if isinstance(getattr(model, "config", None), DSMoEConfig):
-        model.config.tau = tau
+        setattr(model.config, name, value)
     return model
+
+
+def set_tau(model, tau):
+    """Set the threshold τ of every DSMoE layer (and the config, so that it is saved)."""
+    return _set_on_layers(model, "tau", check_tau(tau))
 
 
 def set_no_gx_inference_rescale(model, rescale):
     """Apply (True) or not (False) Eq. 8's n/k to the no_gx variant at inference, in every layer and the config."""
     if not isinstance(rescale, bool):
         raise ValueError(f"no_gx_inference_rescale must be true or false, got {rescale!r}")
-    layers = dsmoe_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no DSMoE layer")
-    for layer in layers:
-        layer.no_gx_inference_rescale = rescale
-    if isinstance(getattr(model, "config", None), DSMoEConfig):
-        model.config.no_gx_inference_rescale = rescale
-    return model
+    return _set_on_layers(model, "no_gx_inference_rescale", rescale)
 
 
 __all__ = ["check_swiglu", "cv_squared", "decoder_layers", "dsmoe_layers", "DSMoEMLP", "NoisyTopKGate", "DSMoEPreTrainedModel",
