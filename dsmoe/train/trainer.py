@@ -235,13 +235,11 @@ def train(config, init, data_dir, out, variant=None, overwrite=False, resume=Tru
     Resumes from the newest checkpoint in `out` of the same run unless `resume` is False; refuses
     checkpoints of a different config unless `overwrite`. With `milestones`, keeps the model at each of
     the config's `eval.milestone_tokens` in `out/milestones/`. Returns the path of the final model (`out/model`)."""
-    from ..hub import resolve_dtype
-
     run = setup(config, init, data_dir, Path(out), variant, overwrite, resume, milestones)
     training_loop(run)
     pruning = Path(init) / "pruning.json"
     extra_files = [pruning] if pruning.is_file() else []
-    return save_final_model(run.accelerator, run.model, run.tokenizer, run.out / "model", resolve_dtype(config["dtype"]),
+    return save_final_model(run.accelerator, run.model, run.tokenizer, run.out / "model", run.dtype,
                             extra_files, overwrite)
 
 
