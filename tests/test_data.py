@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dsmoe import data
+from dsmoe.data.build import VAL_MIN_DOCUMENTS
 from dsmoe.config import validate_config
 
 
@@ -56,14 +57,18 @@ def test_prepare_loses_or_duplicates_no_document(tmp_path, tokenizer):
     assert train.dtype == np.int32 and val.dtype == np.int32 and val.shape == (3, 16)
     assert train[-1] == eos and len(train) == manifest["sources"]["local"]["train_tokens"]
     train_docs = Counter(split_documents(train, eos))
-    val_docs = Counter(split_documents(val.reshape(-1), eos))  # complete validation documents
     n_val_docs = manifest["sources"]["local"]["val_documents"]
     assert sum(train_docs.values()) + n_val_docs == len(texts)
-    assert sum(val_docs.values()) <= n_val_docs
-    assert not set(train_docs) & set(val_docs)
-    assert train_docs + val_docs <= expected  # nothing duplicated or invented
-    # all training documents are there; only the validation documents cut by the last row are missing
-    assert sum((expected - train_docs - val_docs).values()) <= n_val_docs - sum(val_docs.values())
+    assert train_docs <= expected  # nothing duplicated or invented
+    assert sum((expected - train_docs).values()) == n_val_docs  # every other document is in training
+    # validation: the beginning (1/32 of the validation tokens, EOS kept) of each held-out document, joined
+    cap = max(2, -(-3 * 16 // VAL_MIN_DOCUMENTS))
+    held_out = [(*doc, eos) if len(doc) < cap else (*doc[:cap - 1], eos) for doc in expected - train_docs]
+    stream, at, used = tuple(val.reshape(-1).tolist()), 0, 0
+    while at < len(stream):
+        at += len(next(d for d in held_out if stream[at:at + len(d)] == d[:len(stream) - at]))
+        used += 1
+    assert used <= n_val_docs
 
 
 @pytest.mark.parametrize("name", ["stdlib-prose", "stdlib-code"])
@@ -72,6 +77,7 @@ def test_builtin_train_and_validation_are_disjoint(tmp_path, tokenizer, name):
     manifest = data.prepare(config, tokenizer, tmp_path)
     entry = manifest["sources"][name]
     assert entry["val_sequences"] == 200 and entry["train_tokens"] >= 20000
+    assert entry["val_documents"] >= 32  # at most 1/32 of the tokens from each: not one long file
     eos = tokenizer.eos_token_id
     train_texts = {tokenizer.decode(d) for d in split_documents(np.load(tmp_path / name / "train.npy"), eos)}
     val_tokens = np.load(tmp_path / name / "val.npy").reshape(-1)

@@ -3,8 +3,10 @@
 Each source (`dsmoe.data.sources`) is split into validation and training by document, never inside
 one. Validation takes documents from the front of the source's order (a seeded random order: hash
 order for finite sources, `datasets`' shuffle for streamed ones) until it holds `val_sequences`
-sequences (at most half of a finite source); training takes the rest, up to the source's share of
-the token budget. `data.sample_mode` says how documents become sequences of `seq_len` tokens:
+sequences (at most half of a finite source), in pack mode taking at most 1/32 of the validation tokens from
+each (cut with its EOS kept; the rest of it is not used), so that validation is drawn from at
+least 32 documents where the source has them, not from one long file; training takes the rest,
+up to the source's share of the token budget. `data.sample_mode` says how documents become sequences of `seq_len` tokens:
 
 - `pack`: each document's tokens followed by EOS, joined and cut into consecutive windows without
   gaps or overlap (a document may span two sequences);
@@ -29,6 +31,7 @@ from .prepared import PAD, pack
 from .sources import source_documents
 
 logger = logging.getLogger(__name__)
+VAL_MIN_DOCUMENTS = 32  # validation spreads over at least this many documents (where the source has them)
 
 TOKENIZE_BATCH = 64
 TRAIN_SLACK = 1.05  # each source's training stream holds 5% more than its expected share of the budget
@@ -79,6 +82,7 @@ def prepare_source(source, tokenizer, data, train_cap, out_dir):
     documents, total_chars = source_documents(source, data["seed"])
     val_chars_limit = total_chars // 2 if total_chars is not None else math.inf
     val_target = val_sequences * seq_len
+    val_doc_cap = max(2, math.ceil(val_target / VAL_MIN_DOCUMENTS)) if mode == "pack" else seq_len
     val, n_val_tokens, val_chars, n_train, padding, counts = [], 0, 0, 0, 0, {"val": 0, "train": 0}
     out_dir.mkdir(parents=True)
     raw_train = out_dir / "train.bin"
@@ -86,8 +90,8 @@ def prepare_source(source, tokenizer, data, train_cap, out_dir):
         for chars, ids in tokenize_documents(documents, tokenizer, mode):
             ids = sample_row(ids, seq_len) if mode == "truncate" else ids
             if counts["train"] == 0 and n_val_tokens < val_target and val_chars + chars <= val_chars_limit:
-                val.append(ids)
-                n_val_tokens += len(ids)
+                val.append(ids if len(ids) <= val_doc_cap else np.append(ids[:val_doc_cap - 1], ids[-1]))  # cut, EOS kept
+                n_val_tokens += len(val[-1])
                 val_chars += chars
                 counts["val"] += 1
             else:
