@@ -133,7 +133,7 @@ def train_caps(config):
 def data_fingerprint(config, tokenizer):
     spec = {"data": config["data"], "caps": train_caps(config), "tokenizer": tokenizer_fingerprint(tokenizer),
             "python": sys.version if any(s["kind"] == "builtin" for s in config["data"]["sources"]) else None,
-            "special_tokens": tokenizer("", add_special_tokens=True)["input_ids"], "format": 2}
+            "special_tokens": tokenizer("", add_special_tokens=True)["input_ids"], "format": 3}  # 3: validation spread over documents
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
