@@ -2,8 +2,9 @@
 
 Converts the base model as the config says (gate init included), trains `--steps` steps with the
 config's train section (`dsmoe train`), prints the activation, λ and LM loss against steps, saves
-them as a PNG, and evaluates held-out perplexity (the prepared data's validation windows) of the
-dense model, of the converted model before training and after:
+them as a PNG, and evaluates held-out perplexity of the
+dense model, of the converted model before training and after, on the tuning split (`data.tune_sequences`)
+where the data has one, else on the validation windows (with a warning):
 
     OUT/init/          the converted model
     OUT/run/           the training run: train_log.csv and model/ (its checkpoints are removed)
@@ -16,12 +17,14 @@ this one: `--set dsmoe.gate_init=normal --set train.adaptive_sparsity.enabled=fa
 """
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
 
 import pandas as pd
 
+logger = logging.getLogger(__name__)
 LOG_COLUMNS = ["step", "mean_active_fraction", "lambda", "lm_loss", "sparsity_loss"]
 
 
@@ -33,6 +36,17 @@ def pilot_config(config, steps):
     train["tokens"] = steps * train["batch_size"] * config["data"]["seq_len"]
     train["checkpoint_every"], train["keep_checkpoints"] = steps, 1
     return config
+
+
+def held_out_split(data_dir):
+    """The split a pilot evaluates on: the tuning split where the data has one, else validation (with a warning)."""
+    from .data.prepared import has_split
+
+    if has_split(data_dir, "tune"):
+        return "tune"
+    logger.warning("%s has no tuning split (data.tune_sequences): the pilot evaluates on the validation windows, "
+                   "so do not report results on them for settings chosen here", data_dir)
+    return "val"
 
 
 def held_out_ppl(model, validation, config, label):
@@ -88,7 +102,7 @@ def run_pilot(config, steps, data_dir, out, compare=(), label=None, evaluate=Tru
     config = pilot_config(config, steps)
     if read_manifest(data_dir)["seq_len"] != config["data"]["seq_len"]:
         raise ValueError(f"{data_dir} was prepared with another seq_len than data.seq_len={config['data']['seq_len']}")
-    validation = load_validation(data_dir) if evaluate else None
+    validation = load_validation(data_dir, held_out_split(data_dir)) if evaluate else None
     start = time.perf_counter()
     rows = convert_base(config, data_dir, out, validation)
     train(config, out / "init", data_dir, out / "run", overwrite=True, resume=False)
@@ -100,14 +114,14 @@ def run_pilot(config, steps, data_dir, out, compare=(), label=None, evaluate=Tru
         pd.DataFrame(rows).to_csv(out / "ppl.csv", index=False)
     log = read_log(out / "run")
     label = label or out.name
-    summary = summarize(config, steps, log, rows, label, wall)
+    summary = summarize(config, steps, log, rows, label, wall, held_out_split(data_dir) if evaluate else None)
     (out / "pilot.json").write_text(json.dumps(summary, indent=2))
     curves = {label: log, **{Path(other).name: read_log(Path(other) / "run") for other in compare}}
     pilot_curves(curves, out / "curves.png", config["train"]["adaptive_sparsity"])
     return summary
 
 
-def summarize(config, steps, log, ppl_rows, label, wall):
+def summarize(config, steps, log, ppl_rows, label, wall, split=None):
     adaptive = config["train"]["adaptive_sparsity"]
     tail = log.tail(max(1, len(log) // 10))
     return {
@@ -119,7 +133,7 @@ def summarize(config, steps, log, ppl_rows, label, wall):
         "activation_first": float(log["mean_active_fraction"].iloc[0]),
         "activation_last_10pct": float(tail["mean_active_fraction"].mean()),
         "lm_loss_first": float(log["lm_loss"].iloc[0]), "lm_loss_last_10pct": float(tail["lm_loss"].mean()),
-        "lambda_range": [float(log["lambda"].min()), float(log["lambda"].max())],
+        "lambda_range": [float(log["lambda"].min()), float(log["lambda"].max())], "held_out_split": split,
         "tokens_per_s": float(log["tokens_per_s"].median()),
         "held_out": {row["model"]: {"ppl": row["ppl"], "mean_active_experts": row["mean_active_experts"],
                                     "activated_params_pct": row["activated_params_pct"]} for row in ppl_rows},

@@ -71,6 +71,37 @@ def test_prepare_loses_or_duplicates_no_document(tmp_path, tokenizer):
     assert used <= n_val_docs
 
 
+def test_tuning_split_comes_first_from_other_documents_and_stays_out_of_training(tmp_path, tokenizer):
+    """data.tune_sequences: the tuning split takes the front documents (what validation alone would
+    take), validation the next ones; the three splits share no document and nothing is lost."""
+    rng = np.random.default_rng(2)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "(x)", "+", "1", "\n"]
+    texts = [f"doc {i:03d}: " + " ".join(rng.choice(words, size=rng.integers(1, 60))) for i in range(200)]
+    write_jsonl(tmp_path / "corpus.jsonl", texts)
+    source = [{"name": "local", "kind": "jsonl", "path": str(tmp_path / "corpus.jsonl")}]
+    plain = make_config(source, seq_len=128, val_sequences=3, tokens=10**6)
+    tuned = make_config(source, seq_len=128, val_sequences=3, tokens=10**6)
+    tuned["data"]["tune_sequences"] = 3
+    data.prepare(plain, tokenizer, tmp_path / "plain")
+    manifest = data.prepare(tuned, tokenizer, tmp_path / "tuned")
+    entry, eos = manifest["sources"]["local"], tokenizer.eos_token_id
+    np.testing.assert_array_equal(data.load_validation(tmp_path / "tuned", "tune")["local"],
+                                  data.load_validation(tmp_path / "plain")["local"])
+    assert entry["tune_sequences"] == entry["val_sequences"] == 3
+    cap = -(-3 * 128 // VAL_MIN_DOCUMENTS) - 1  # tokens a held-out split keeps of each document ("doc N: ...")
+
+    def pieces(split):
+        return {d[:cap] for d in split_documents(np.append(np.load(tmp_path / "tuned" / "local" / f"{split}.npy"), eos), eos)[:-1]}
+
+    tune, val = pieces("tune"), pieces("val")
+    train = Counter(split_documents(np.load(tmp_path / "tuned" / "local" / "train.npy"), eos))
+    assert tune and val and not tune & val and not (tune | val) & {d[:cap] for d in train}  # whole documents on one side
+    assert sum(train.values()) + entry["tune_documents"] + entry["val_documents"] == len(texts)
+    with pytest.raises(ValueError, match="no tuning split"):
+        data.load_validation(tmp_path / "plain", "tune")
+    assert data.data_fingerprint(plain, tokenizer) != data.data_fingerprint(tuned, tokenizer)
+
+
 @pytest.mark.parametrize("name", ["stdlib-prose", "stdlib-code"])
 def test_builtin_train_and_validation_are_disjoint(tmp_path, tokenizer, name):
     config = make_config([{"name": name, "kind": "builtin"}], seq_len=64, val_sequences=200, tokens=20000)

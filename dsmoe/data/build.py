@@ -1,12 +1,14 @@
 """`dsmoe data prepare`: a weighted mixture of text sources, tokenised, split, packed and cached.
 
-Each source (`dsmoe.data.sources`) is split into validation and training by document, never inside
-one. Validation takes documents from the front of the source's order (a seeded random order: hash
-order for finite sources, `datasets`' shuffle for streamed ones) until it holds `val_sequences`
-sequences (at most half of a finite source), in pack mode taking at most 1/32 of the validation tokens from
-each (cut with its EOS kept; the rest of it is not used), so that validation is drawn from at
-least 32 documents where the source has them, not from one long file; training takes the rest,
-up to the source's share of the token budget. `data.sample_mode` says how documents become sequences of `seq_len` tokens:
+Each source (`dsmoe.data.sources`) is split into held-out splits and training by document, never
+inside one. The held-out splits take documents from the front of the source's order (a seeded
+random order: hash order for finite sources, `datasets`' shuffle for streamed ones): first the
+tuning split (`tune_sequences`, 0 by default: none), for pilots that choose settings, then the
+validation split (`val_sequences`) that results are reported on, so the two never share a
+document; together at most half of a finite source. In pack mode a split takes at most 1/32 of its
+tokens from each document (cut with its EOS kept; the rest of it is not used), so that it is drawn
+from at least 32 documents where the source has them, not from one long file; training takes the
+rest, up to the source's share of the token budget. `data.sample_mode` says how documents become sequences of `seq_len` tokens:
 
 - `pack`: each document's tokens followed by EOS, joined and cut into consecutive windows without
   gaps or overlap (a document may span two sequences);
@@ -74,52 +76,83 @@ def sample_row(ids, seq_len):
     return row
 
 
+def held_out_splits(data):
+    """`[(split, sequences)]` in the order they take documents: the tuning split first (if any), then validation."""
+    splits = [("tune", data.get("tune_sequences", 0)), ("val", data["val_sequences"])]
+    return [(split, n) for split, n in splits if n > 0]
+
+
 def prepare_source(source, tokenizer, data, train_cap, out_dir):
-    """Tokenise one source into `out_dir/{val,train}.npy`; return its manifest entry.
+    """Tokenise one source into `out_dir/{tune,val,train}.npy`; return its manifest entry.
 
     Sizes count token slots: in truncate mode each document fills one row of `seq_len`, padding included."""
-    name, seq_len, val_sequences, mode = source["name"], data["seq_len"], data["val_sequences"], data["sample_mode"]
+    name, seq_len, mode = source["name"], data["seq_len"], data["sample_mode"]
     documents, total_chars = source_documents(source, data["seed"])
-    val_chars_limit = total_chars // 2 if total_chars is not None else math.inf
-    val_target = val_sequences * seq_len
-    val_doc_cap = max(2, math.ceil(val_target / VAL_MIN_DOCUMENTS)) if mode == "pack" else seq_len
-    val, n_val_tokens, val_chars, n_train, padding, counts = [], 0, 0, 0, 0, {"val": 0, "train": 0}
+    held_chars_limit = total_chars // 2 if total_chars is not None else math.inf
+    splits = [HeldOut(split, n, seq_len, mode) for split, n in held_out_splits(data)]
+    held_chars, n_train, padding, train_documents = 0, 0, 0, 0
     out_dir.mkdir(parents=True)
     raw_train = out_dir / "train.bin"
-    with open(raw_train, "wb") as train_file, tqdm(total=val_target + train_cap, unit="tok", desc=name, leave=False) as bar:
+    total = sum(split.target for split in splits) + train_cap
+    with open(raw_train, "wb") as train_file, tqdm(total=total, unit="tok", desc=name, leave=False) as bar:
         for chars, ids in tokenize_documents(documents, tokenizer, mode):
             ids = sample_row(ids, seq_len) if mode == "truncate" else ids
-            if counts["train"] == 0 and n_val_tokens < val_target and val_chars + chars <= val_chars_limit:
-                val.append(ids if len(ids) <= val_doc_cap else np.append(ids[:val_doc_cap - 1], ids[-1]))  # cut, EOS kept
-                n_val_tokens += len(val[-1])
-                val_chars += chars
-                counts["val"] += 1
+            filling = next((split for split in splits if not split.full), None)
+            if train_documents == 0 and filling is not None and held_chars + chars <= held_chars_limit:
+                filling.add(ids)
+                held_chars += chars
             else:
                 train_file.write(ids.tobytes())
                 n_train += len(ids)
                 padding += int(np.count_nonzero(ids == PAD))
-                counts["train"] += 1
+                train_documents += 1
             bar.update(len(ids))
             if n_train >= train_cap:
                 break
-    if n_val_tokens + n_train == 0:
+    if sum(split.tokens for split in splits) + n_train == 0:
         raise ValueError(f"source {name!r} is an empty corpus: its documents hold no tokens")
-    val_array = pack(np.concatenate(val) if val else np.zeros(0, np.int32), seq_len)[:val_sequences]
-    if len(val_array) == 0:
-        raise ValueError(f"source {name!r} is too small to hold out one validation sequence of {seq_len} tokens")
-    if len(val_array) < val_sequences:
-        logger.warning("source %r holds out %d validation sequences, fewer than the %d asked for (at most half "
-                       "of a finite source goes to validation)", name, len(val_array), val_sequences)
+    entry = {"kind": source["kind"]}
+    for split in splits:
+        array = split.sequences(name)
+        np.save(out_dir / f"{split.name}.npy", np.ascontiguousarray(array))
+        entry[f"{split.name}_sequences"], entry[f"{split.name}_documents"] = int(len(array)), split.documents
     if n_train < seq_len:
         raise ValueError(f"source {name!r} has {n_train} training tokens left after validation, less than one sequence")
-    np.save(out_dir / "val.npy", np.ascontiguousarray(val_array))
     train = np.lib.format.open_memmap(out_dir / "train.npy", mode="w+", dtype=np.int32, shape=(n_train,))
     train[:] = np.memmap(raw_train, dtype=np.int32, mode="r")
     train.flush()
     del train
     raw_train.unlink()
-    return {"kind": source["kind"], "train_tokens": int(n_train), "train_padding": padding, "val_sequences": int(len(val_array)),
-            "weight": float(source["weight"]), "train_documents": counts["train"], "val_documents": counts["val"]}
+    return {**entry, "train_tokens": int(n_train), "train_padding": padding, "weight": float(source["weight"]),
+            "train_documents": train_documents}
+
+
+class HeldOut:
+    """A held-out split (tune or val) filling up with whole documents, at most `doc_cap` tokens from each."""
+
+    def __init__(self, name, n_sequences, seq_len, mode):
+        self.name, self.n_sequences, self.seq_len = name, n_sequences, seq_len
+        self.target = n_sequences * seq_len
+        self.doc_cap = max(2, math.ceil(self.target / VAL_MIN_DOCUMENTS)) if mode == "pack" else seq_len
+        self.parts, self.tokens, self.documents = [], 0, 0
+
+    @property
+    def full(self):
+        return self.tokens >= self.target
+
+    def add(self, ids):
+        self.parts.append(ids if len(ids) <= self.doc_cap else np.append(ids[:self.doc_cap - 1], ids[-1]))  # cut, EOS kept
+        self.tokens += len(self.parts[-1])
+        self.documents += 1
+
+    def sequences(self, source):
+        array = pack(np.concatenate(self.parts) if self.parts else np.zeros(0, np.int32), self.seq_len)[:self.n_sequences]
+        if len(array) == 0:
+            raise ValueError(f"source {source!r} is too small to hold out one {self.name} sequence of {self.seq_len} tokens")
+        if len(array) < self.n_sequences:
+            logger.warning("source %r holds out %d %s sequences, fewer than the %d asked for (at most half "
+                           "of a finite source is held out)", source, len(array), self.name, self.n_sequences)
+        return array
 
 
 def train_caps(config):
@@ -134,6 +167,8 @@ def data_fingerprint(config, tokenizer):
     spec = {"data": config["data"], "caps": train_caps(config), "tokenizer": tokenizer_fingerprint(tokenizer),
             "python": sys.version if any(s["kind"] == "builtin" for s in config["data"]["sources"]) else None,
             "special_tokens": tokenizer("", add_special_tokens=True)["input_ids"], "format": 3}  # 3: validation spread over documents
+    if not config["data"].get("tune_sequences"):
+        spec["data"] = {k: v for k, v in config["data"].items() if k != "tune_sequences"}  # no tuning split: caches stay valid
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -184,5 +219,6 @@ def cmd_prepare(args):
     config = load_config(args.config, parse_overrides(args.set))
     manifest = prepare(config, load_tokenizer(args.model), args.out, args.overwrite)
     for name, entry in manifest["sources"].items():
-        print(f"{name}: {entry['train_tokens']:,} training tokens, {entry['val_sequences']} validation sequences")
+        tune = f", {entry['tune_sequences']} tuning sequences" if "tune_sequences" in entry else ""
+        print(f"{name}: {entry['train_tokens']:,} training tokens, {entry['val_sequences']} validation sequences{tune}")
     print(f"wrote {args.out} (fingerprint {manifest['fingerprint']})")

@@ -2,7 +2,8 @@
 
     DATA/manifest.json        {"seq_len", "sample_mode", "tokenizer", "fingerprint", "sources": {name: {...}}}
     DATA/<source>/train.npy   1-D int32 token stream (sample_mode truncate: rows of seq_len, PAD-filled)
-    DATA/<source>/val.npy     2-D int32 array (n_val, seq_len)
+    DATA/<source>/val.npy     2-D int32 array (n_val, seq_len): the validation split, results are reported on it
+    DATA/<source>/tune.npy    2-D int32 array (n_tune, seq_len), when data.tune_sequences > 0: the tuning split (pilots)
 
 Padding (`PAD`, -1) appears only with `sample_mode: truncate`; `model_inputs` turns a batch into
 forward arguments that mask it. Readers: the manifest, the validation windows (perplexity, sweeps,
@@ -60,12 +61,24 @@ def load_array(path):
         raise ValueError(f"{path} is damaged or truncated ({err}); run `dsmoe data prepare` again") from err
 
 
-def load_validation(data_dir):
-    """`{source: (n_val, seq_len) int32 array}` (memory-mapped) of a prepared data directory."""
+HELD_OUT_SPLITS = ("val", "tune")
+
+
+def has_split(data_dir, split):
+    """Whether every source of a prepared data directory holds `split` (val always; tune when asked for)."""
+    return all((Path(data_dir) / name / f"{split}.npy").is_file() for name in read_manifest(data_dir)["sources"])
+
+
+def load_validation(data_dir, split="val"):
+    """`{source: (n, seq_len) int32 array}` (memory-mapped) of a held-out split: val (validation) or tune."""
+    if split not in HELD_OUT_SPLITS:
+        raise ValueError(f"held-out split {split!r} is not one of {HELD_OUT_SPLITS}")
     manifest = read_manifest(data_dir)
+    if split == "tune" and not has_split(data_dir, "tune"):
+        raise ValueError(f"{data_dir} has no tuning split: prepare it with data.tune_sequences > 0")
     validation = {}
     for name in manifest["sources"]:
-        path = Path(data_dir) / name / "val.npy"
+        path = Path(data_dir) / name / f"{split}.npy"
         sequences = load_array(path)
         if sequences.ndim != 2 or sequences.shape[1] != manifest["seq_len"]:
             raise ValueError(f"{path} has shape {sequences.shape}, expected (n, {manifest['seq_len']})")
