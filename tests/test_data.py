@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dsmoe import data
-from dsmoe.data.build import VAL_MIN_DOCUMENTS
+from dsmoe.data.build import TUNE_MIN_DOCUMENTS, VAL_MIN_DOCUMENTS
 from dsmoe.config import validate_config
 
 
@@ -72,8 +72,8 @@ def test_prepare_loses_or_duplicates_no_document(tmp_path, tokenizer):
 
 
 def test_tuning_split_comes_first_from_other_documents_and_stays_out_of_training(tmp_path, tokenizer):
-    """data.tune_sequences: the tuning split takes the front documents (what validation alone would
-    take), validation the next ones; the three splits share no document and nothing is lost."""
+    """data.tune_sequences: the tuning split takes the front documents, validation the next ones
+    (as many as without a tuning split); the three splits share no document and nothing is lost."""
     rng = np.random.default_rng(2)
     words = ["alpha", "beta", "gamma", "delta", "def", "return", "(x)", "+", "1", "\n"]
     texts = [f"doc {i:03d}: " + " ".join(rng.choice(words, size=rng.integers(1, 60))) for i in range(200)]
@@ -85,10 +85,10 @@ def test_tuning_split_comes_first_from_other_documents_and_stays_out_of_training
     data.prepare(plain, tokenizer, tmp_path / "plain")
     manifest = data.prepare(tuned, tokenizer, tmp_path / "tuned")
     entry, eos = manifest["sources"]["local"], tokenizer.eos_token_id
-    np.testing.assert_array_equal(data.load_validation(tmp_path / "tuned", "tune")["local"],
-                                  data.load_validation(tmp_path / "plain")["local"])
     assert entry["tune_sequences"] == entry["val_sequences"] == 3
-    cap = -(-3 * 128 // VAL_MIN_DOCUMENTS) - 1  # tokens a held-out split keeps of each document ("doc N: ...")
+    assert entry["val_documents"] == json.loads((tmp_path / "plain" / "manifest.json").read_text())["sources"]["local"]["val_documents"]
+    cap = -(-3 * 128 // VAL_MIN_DOCUMENTS) - 1  # tokens validation keeps of each document ("doc N: ..."); tuning more
+    assert -(-3 * 128 // TUNE_MIN_DOCUMENTS) - 1 > cap
 
     def pieces(split):
         return {d[:cap] for d in split_documents(np.append(np.load(tmp_path / "tuned" / "local" / f"{split}.npy"), eos), eos)[:-1]}

@@ -5,10 +5,11 @@ inside one. The held-out splits take documents from the front of the source's or
 random order: hash order for finite sources, `datasets`' shuffle for streamed ones): first the
 tuning split (`tune_sequences`, 0 by default: none), for pilots that choose settings, then the
 validation split (`val_sequences`) that results are reported on, so the two never share a
-document; together at most half of a finite source. In pack mode a split takes at most 1/32 of its
-tokens from each document (cut with its EOS kept; the rest of it is not used), so that it is drawn
-from at least 32 documents where the source has them, not from one long file; training takes the
-rest, up to the source's share of the token budget. `data.sample_mode` says how documents become sequences of `seq_len` tokens:
+document; together at most half of a finite source. In pack mode validation takes at most 1/32 of
+its tokens from each document (cut with its EOS kept; the rest of it is not used), so that it is
+drawn from at least 32 documents where the source has them, not from one long file (the tuning
+split at most 1/8, from at least 8, so that a small source still holds a whole validation split);
+training takes the rest, up to the source's share of the token budget. `data.sample_mode` says how documents become sequences of `seq_len` tokens:
 
 - `pack`: each document's tokens followed by EOS, joined and cut into consecutive windows without
   gaps or overlap (a document may span two sequences);
@@ -34,6 +35,7 @@ from .sources import source_documents
 
 logger = logging.getLogger(__name__)
 VAL_MIN_DOCUMENTS = 32  # validation spreads over at least this many documents (where the source has them)
+TUNE_MIN_DOCUMENTS = 8  # the tuning split over fewer (1/8 of its tokens from each): small sources keep validation whole
 
 TOKENIZE_BATCH = 64
 TRAIN_SLACK = 1.05  # each source's training stream holds 5% more than its expected share of the budget
@@ -133,7 +135,8 @@ class HeldOut:
     def __init__(self, name, n_sequences, seq_len, mode):
         self.name, self.n_sequences, self.seq_len = name, n_sequences, seq_len
         self.target = n_sequences * seq_len
-        self.doc_cap = max(2, math.ceil(self.target / VAL_MIN_DOCUMENTS)) if mode == "pack" else seq_len
+        min_documents = TUNE_MIN_DOCUMENTS if name == "tune" else VAL_MIN_DOCUMENTS
+        self.doc_cap = max(2, math.ceil(self.target / min_documents)) if mode == "pack" else seq_len
         self.parts, self.tokens, self.documents = [], 0, 0
 
     @property
