@@ -61,6 +61,16 @@ def test_ppl_matches_plain_transformers(byte_model):
         assert df.loc[name, "ppl"] == pytest.approx(math.exp(np.mean(losses)), rel=1e-5)
     expected_all = math.exp(sum(nll.values()) / sum(tokens.values()))
     assert df.loc["all", "ppl"] == pytest.approx(expected_all, rel=1e-5)
+    # one row per window, none for "all": each window's own NLL and predicted tokens
+    windows = df.attrs["windows"]
+    assert list(windows.columns) == ["source", "window", "nll", "tokens"]
+    assert windows.groupby("source", sort=False).size().to_dict() == {"prose": 11, "code": 9}
+    for row in windows.sample(4, random_state=0).itertuples():
+        row_nll, row_tokens = reference_nll(byte_model, validation[row.source][row.window:row.window + 1])
+        assert row.tokens == row_tokens == 15 and row.nll == pytest.approx(row_nll, rel=1e-5)
+    pooled = windows.groupby("source").sum()
+    for name in validation:
+        assert pooled.loc[name, "tokens"] == tokens[name] and pooled.loc[name, "nll"] == pytest.approx(nll[name], rel=1e-5)
     # dense: everything activated, no layer rows
     assert (df["activated_params_pct"] == 100.0).all()
     assert df["mean_active_experts"].isna().all()
@@ -72,6 +82,8 @@ def test_max_sequences_and_batching(byte_model):
     a = evaluate_ppl(byte_model, {"p": windows}, batch_size=3, max_sequences=5, progress=False)
     b = evaluate_ppl(byte_model, {"p": windows[:5]}, batch_size=5, progress=False)
     assert a.loc[0, "tokens"] == 5 * 15
+    assert a.attrs["windows"]["window"].tolist() == list(range(5))
+    np.testing.assert_allclose(a.attrs["windows"]["nll"], b.attrs["windows"]["nll"], rtol=1e-6)
     assert a.loc[0, "ppl"] == pytest.approx(b.loc[0, "ppl"], rel=1e-6)
 
 
@@ -125,6 +137,10 @@ def test_sweep_activation_falls_with_tau(byte_model):
     at_half = evaluate_ppl(model, validation, max_sequences=4, progress=False).set_index("source")
     assert df.set_index("tau").loc[0.5, "ppl"] == pytest.approx(at_half.loc["all", "ppl"])
     assert set(df.attrs["layers"]["tau"]) == set(taus)
+    windows = df.attrs["windows"]
+    assert list(windows.columns) == ["tau", "source", "window", "nll", "tokens"] and len(windows) == len(taus) * 2 * 4
+    at_tau = windows[windows["tau"] == 0.5]
+    assert math.exp(at_tau["nll"].sum() / at_tau["tokens"].sum()) == pytest.approx(at_half.loc["all", "ppl"], rel=1e-9)
 
 
 def test_sweep_refuses_dense_topk_and_bad_tau(byte_model, llama_config):
@@ -180,7 +196,7 @@ def test_cli_ppl_writes_contract_and_skips_rerun(moe_dir, tmp_path, capsys):
     data = write_data(tmp_path / "DATA")
     out = tmp_path / "ppl"
     assert cli.main(["eval", "ppl", "--model", str(moe_dir), "--data", str(data), "--out", str(out), "--tau", "0.4"]) == 0
-    ppl, layers = pd.read_csv(out / "ppl.csv"), pd.read_csv(out / "layers.csv")
+    ppl, layers, windows = (pd.read_csv(out / f"{name}.csv") for name in ("ppl", "layers", "windows"))
     assert list(ppl.columns) == ["model", "variant", "tau", "source", "ppl", "tokens", "activated_params",
                                  "activated_params_pct", "mean_active_experts"]
     assert list(layers.columns) == ["model", "variant", "tau", "source", "layer", "mean_active_experts"]
@@ -188,6 +204,11 @@ def test_cli_ppl_writes_contract_and_skips_rerun(moe_dir, tmp_path, capsys):
     assert set(ppl["model"]) == {"run1"} and set(ppl["variant"]) == {"dsmoe"} and set(ppl["tau"]) == {0.4}
     assert ppl["tokens"].tolist() == [5 * 11, 3 * 11, 8 * 11]
     assert len(layers) == 3 * 2 and (ppl["activated_params_pct"] < 100).all()
+    assert list(windows.columns) == ["model", "variant", "tau", "source", "window", "nll", "tokens"]
+    assert windows["source"].tolist() == ["stdlib-code"] * 5 + ["stdlib-prose"] * 3
+    assert windows["window"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2] and set(windows["tokens"]) == {11}
+    assert set(windows["model"]) == {"run1"} and set(windows["variant"]) == {"dsmoe"} and set(windows["tau"]) == {0.4}
+    assert math.exp(windows["nll"].sum() / windows["tokens"].sum()) == pytest.approx(ppl["ppl"].iloc[-1], rel=1e-9)
     mtime = (out / "ppl.csv").stat().st_mtime_ns
     capsys.readouterr()
     assert cli.main(["eval", "ppl", "--model", str(moe_dir), "--data", str(data), "--out", str(out), "--tau", "0.4"]) == 0
@@ -202,11 +223,36 @@ def test_cli_sweep(moe_dir, tmp_path):
     data = write_data(tmp_path / "DATA")
     out = tmp_path / "sweep.csv"
     assert cli.main(["eval", "sweep", "--model", str(moe_dir), "--data", str(data), "--out", str(out),
-                     "--taus", "0.2", "0.5", "0.8", "--layers-out", str(tmp_path / "layers.csv")]) == 0
+                     "--taus", "0.2", "0.5", "0.8", "--layers-out", str(tmp_path / "layers.csv"),
+                     "--windows-out", str(tmp_path / "windows.csv")]) == 0
     df = pd.read_csv(out)
     assert list(df.columns[:7]) == ["model", "variant", "tau", "ppl", "activated_params", "activated_params_pct", "mean_active_experts"]
     assert df["tau"].tolist() == [0.2, 0.5, 0.8] and (np.diff(df["activated_params_pct"]) < 0).all()
     assert len(pd.read_csv(tmp_path / "layers.csv")) == 3 * 3 * 2
+    windows = pd.read_csv(tmp_path / "windows.csv")
+    assert list(windows.columns) == ["model", "variant", "tau", "source", "window", "nll", "tokens"] and len(windows) == 3 * 8
+    pooled = windows.groupby("tau").sum(numeric_only=True)
+    np.testing.assert_allclose(np.exp(pooled["nll"] / pooled["tokens"]), df["ppl"], rtol=1e-9)
+
+
+def test_cli_milestones_windows_name_each_model(moe_dir, tmp_path):
+    """`eval milestones --windows-out`: each model's windows, named by step and train_tokens (a milestone and the final model)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(moe_dir, run / "model")
+    shutil.copytree(moe_dir, run / "milestones" / "step_2")
+    (run / "milestones" / "step_2" / "milestone.json").write_text(json.dumps({"step": 2, "tokens": 64, "milestone_tokens": 60}))
+    (run / "train_log.csv").write_text("step,tokens\n1,32\n4,128\n")
+    data, out, windows_out = write_data(tmp_path / "DATA"), tmp_path / "milestones.csv", tmp_path / "milestone_windows.csv"
+    assert cli.main(["eval", "milestones", "--run", str(run), "--data", str(data), "--out", str(out),
+                     "--windows-out", str(windows_out)]) == 0
+    df, windows = pd.read_csv(out), pd.read_csv(windows_out)
+    assert list(windows.columns) == ["model", "variant", "step", "train_tokens", "final", "source", "window", "nll", "tokens"]
+    assert windows.groupby(["step", "train_tokens", "final"]).size().to_dict() == {(2, 64, False): 8, (4, 128, True): 8}
+    overall = df[df["source"] == "all"].set_index("step")["ppl"]
+    for step, rows in windows.groupby("step"):
+        assert math.exp(rows["nll"].sum() / rows["tokens"].sum()) == pytest.approx(overall[step], rel=1e-9)
 
 
 def test_cli_errors(tiny_model_dir, moe_dir, tmp_path, capsys):
@@ -267,6 +313,7 @@ def test_padding_is_neither_predicted_nor_routed(byte_model):
     nll, tokens = reference_nll(moe, [row[:n] for row, n in zip(rows, lengths)])
     assert df.loc["prose", "tokens"] == tokens == sum(n - 1 for n in lengths)
     assert df.loc["prose", "ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    assert df.attrs["windows"]["tokens"].tolist() == [n - 1 for n in lengths]  # padding is no predicted token
     with dsmoe.RoutingRecorder(moe) as recorder:  # the same rows unpadded, one at a time
         for row, n in zip(rows, lengths):
             moe(torch.as_tensor(row[None, :n], dtype=torch.long))

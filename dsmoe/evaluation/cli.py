@@ -122,7 +122,8 @@ def register(subparsers):
     p = commands.add_parser("ppl", help="per-source validation perplexity, activated params, per-layer active experts")
     add_model_args(p)
     add_data_args(p)
-    p.add_argument("--out", required=True, help="output directory: ppl.csv and layers.csv (written atomically)")
+    p.add_argument("--out", required=True, help="output directory: ppl.csv, layers.csv and windows.csv (per-window NLL; "
+                                               "written atomically)")
     p.set_defaults(func=cmd_ppl)
 
     p = commands.add_parser("sweep", help="perplexity and activated params of a DSMoE model at several τ (Table 4, Fig. 2)")
@@ -132,6 +133,7 @@ def register(subparsers):
                    help=f"thresholds to evaluate (default Table 4: {' '.join(map(str, TABLE4_TAUS))})")
     p.add_argument("--out", required=True, help="output CSV, one row per τ (written atomically)")
     p.add_argument("--layers-out", default=None, help="also write per-τ, per-layer mean active experts to this CSV")
+    p.add_argument("--windows-out", default=None, help="also write per-τ, per-window summed NLL and tokens to this CSV")
     p.set_defaults(func=cmd_sweep)
 
     p = commands.add_parser("lm-eval", aliases=["bench"],
@@ -158,6 +160,7 @@ def register(subparsers):
     p.add_argument("--device", default="auto", help="torch device, or auto: cuda if available else cpu (default auto)")
     add_data_args(p)
     p.add_argument("--out", required=True, help="output CSV: one row per model and validation source (written atomically)")
+    p.add_argument("--windows-out", default=None, help="also write each model's per-window summed NLL and tokens to this CSV")
     p.set_defaults(func=cmd_milestones)
 
 
@@ -182,11 +185,11 @@ def _columns(df, model, args):
 
 def cmd_ppl(args):
     from ..data import load_validation
-    from .perplexity import evaluate_ppl
+    from .perplexity import WINDOW_COLUMNS, evaluate_ppl
 
     _check_args(args)
-    out = check_output_dir(args.out, ["ppl.csv", "layers.csv"])
-    outputs = [out / "ppl.csv", out / "layers.csv"]
+    out = check_output_dir(args.out, ["ppl.csv", "layers.csv", "windows.csv"])
+    outputs = [out / "ppl.csv", out / "layers.csv", out / "windows.csv"]
     validation = load_validation(args.data)
     key = fingerprint([args.model, args.data], command="ppl", tau=args.tau, label=args.label, variant=args.variant,
                       max_sequences=args.max_sequences, dtype=args.dtype, rescale=args.no_gx_inference_rescale)
@@ -200,31 +203,34 @@ def cmd_ppl(args):
     write_csv(summary[front + list(df.columns)], outputs[0])
     layers = _columns(df.attrs["layers"], model, args)
     write_csv(layers[front + ["source", "layer", "mean_active_experts"]], outputs[1])
+    windows = _columns(df.attrs["windows"], model, args)
+    write_csv(windows[front + WINDOW_COLUMNS], outputs[2])
     write_stamp(out / ".ppl.stamp.json", key)
     print(summary[["source", "ppl", "tokens", "activated_params_pct", "mean_active_experts"]].to_string(index=False))
 
 
 def cmd_sweep(args):
     from ..data import load_validation
-    from .perplexity import sweep_tau
+    from .perplexity import WINDOW_COLUMNS, sweep_tau
 
     _check_args(args)
     for tau in args.taus:
         check_tau(tau)
     out = check_output_file(args.out)
-    outputs = [out] + ([check_output_file(args.layers_out, "--layers-out")] if args.layers_out else [])
+    extra = {"--layers-out": args.layers_out, "--windows-out": args.windows_out}
+    outputs = [out] + [check_output_file(path, flag) for flag, path in extra.items() if path]
     stamp = out.with_name(f".{out.name}.stamp.json")
     validation = load_validation(args.data)
     key = fingerprint([args.model, args.data], command="sweep", taus=args.taus, label=args.label, variant=args.variant,
                       max_sequences=args.max_sequences, dtype=args.dtype, layers_out=args.layers_out,
-                      rescale=args.no_gx_inference_rescale)
+                      windows_out=args.windows_out, rescale=args.no_gx_inference_rescale)
     if up_to_date(stamp, key, outputs):
         print(f"{out}: up to date, nothing to do")
         return
     model, _ = load_for_eval(args.model, args.dtype, args.device, no_gx_inference_rescale=args.no_gx_inference_rescale,
                              tokenizer=False)
     df = sweep_tau(model, validation, args.taus, args.batch_size, args.max_sequences)
-    layers = df.attrs["layers"]
+    layers, windows = df.attrs["layers"], df.attrs["windows"]
     label = args.label or model_label(args.model)
     variant = args.variant or model_method(model, label)
     df = df.assign(model=label, variant=variant, inference_rescale=inference_rescale(model))
@@ -232,6 +238,9 @@ def cmd_sweep(args):
     if args.layers_out:
         layers = layers.assign(model=label, variant=variant)
         write_csv(layers[["model", "variant", "tau", "source", "layer", "mean_active_experts"]], args.layers_out)
+    if args.windows_out:
+        windows = windows.assign(model=label, variant=variant)
+        write_csv(windows[["model", "variant", "tau", *WINDOW_COLUMNS]], args.windows_out)
     write_stamp(stamp, key)
     print(df[["tau", "ppl", "activated_params_pct", "mean_active_experts"]].to_string(index=False))
 
@@ -270,15 +279,16 @@ def cmd_lm_eval(args):
 
 def cmd_milestones(args):
     from ..data import load_validation
-    from .milestones import COLUMNS, evaluate_milestones
+    from .milestones import COLUMNS, WINDOW_COLUMNS, evaluate_milestones
 
     _check_args(args)
     run, out = Path(args.run), check_output_file(args.out)
+    windows_out = check_output_file(args.windows_out, "--windows-out") if args.windows_out else None
     stamp = out.with_name(f".{out.name}.stamp.json")
     validation = load_validation(args.data)
     key = fingerprint([run / "milestones", run / "model", run / "train_log.csv", args.data], command="milestones",
-                      label=args.label, max_sequences=args.max_sequences, dtype=args.dtype)
-    if up_to_date(stamp, key, [out]):
+                      label=args.label, max_sequences=args.max_sequences, dtype=args.dtype, windows_out=args.windows_out)
+    if up_to_date(stamp, key, [out] + ([windows_out] if windows_out else [])):
         print(f"{out}: up to date, nothing to do")
         return
     models = []
@@ -289,7 +299,11 @@ def cmd_milestones(args):
         return model
 
     df = evaluate_milestones(run, validation, load, args.batch_size, args.max_sequences)
+    windows = df.attrs["windows"]
     df = df.assign(model=args.label or run.name, variant=models[-1])
     write_csv(df[COLUMNS + [c for c in df.columns if c not in COLUMNS]], out)
+    if windows_out:
+        windows = windows.assign(model=args.label or run.name, variant=models[-1])
+        write_csv(windows[["model", "variant", *WINDOW_COLUMNS]], windows_out)
     write_stamp(stamp, key)
     print(df[df["source"] == "all"][["step", "train_tokens", "ppl", "activated_params_pct"]].to_string(index=False))

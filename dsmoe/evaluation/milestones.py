@@ -13,6 +13,7 @@ import pandas as pd
 from ..train.milestones import milestone_dirs
 
 COLUMNS = ["model", "variant", "step", "train_tokens", "milestone_tokens", "final"]
+WINDOW_COLUMNS = ["step", "train_tokens", "final", "source", "window", "nll", "tokens"]  # after model, variant
 
 
 def final_point(run_dir):
@@ -43,14 +44,19 @@ def milestone_points(run_dir):
 
 def evaluate_milestones(run_dir, validation, load, batch_size=8, max_sequences=None):
     """One row per model and validation source ("all" included): `evaluate_ppl`'s columns plus step,
-    train_tokens, milestone_tokens (NaN for the final model) and final. `load(path)` returns a model."""
+    train_tokens, milestone_tokens (NaN for the final model) and final. `load(path)` returns a model.
+
+    `df.attrs["windows"]`: each model's per-window NLL (WINDOW_COLUMNS), the model named by step and train_tokens."""
     from .perplexity import evaluate_ppl
 
-    frames = []
+    frames, windows = [], []
     for path, point in milestone_points(run_dir):
         model = load(path)
         df = evaluate_ppl(model, validation, batch_size, max_sequences, progress=False)
-        df.attrs = {}  # the per-layer table: concat would compare it across frames
+        windows.append(df.attrs["windows"].assign(step=point["step"], train_tokens=point["train_tokens"], final=point["final"]))
+        df.attrs = {}  # the per-model tables: concat would compare them across frames
         frames.append(df.assign(**point))
         del model
-    return pd.concat(frames, ignore_index=True)
+    df = pd.concat(frames, ignore_index=True)
+    df.attrs["windows"] = pd.concat(windows, ignore_index=True)[WINDOW_COLUMNS]
+    return df

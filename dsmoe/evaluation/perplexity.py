@@ -21,19 +21,22 @@ from ..config import schema_default
 from ..model import TOPK_VARIANTS, check_tau, dsmoe_layers, set_tau
 
 TABLE4_TAUS = tuple(schema_default("eval.tau_sweep"))  # the grid of Table 4
+WINDOW_COLUMNS = ["source", "window", "nll", "tokens"]  # df.attrs["windows"] of evaluate_ppl
 
 
-def token_nll(model, input_ids):
-    """Summed next-token NLL of a batch of windows (B x T) in float64, and the number of predicted tokens."""
+def window_nll(model, input_ids):
+    """Summed next-token NLL of each window of a batch (B x T) in float64, and each window's predicted tokens."""
     from ..data import model_inputs
 
     inputs = model_inputs(input_ids)
     with counted_tokens(inputs.get("attention_mask")):
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False).logits
-    targets = inputs["labels"][:, 1:].reshape(-1)
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, reduction="none", ignore_index=-100)
+    targets = inputs["labels"][:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none",
+                          ignore_index=-100).view(targets.shape)
     predicted = targets != -100
-    return nll[predicted].double().sum().item(), int(predicted.sum())
+    nll = torch.where(predicted, nll.double(), 0.0).sum(dim=1)
+    return nll.cpu().numpy(), predicted.sum(dim=1).cpu().numpy().astype(np.int64)
 
 
 def routing_summary(model, stats):
@@ -45,34 +48,41 @@ def routing_summary(model, stats):
             "mean_active_experts": mean}, per_layer
 
 
+def source_nll(model, sequences, batch_size, desc, progress):
+    """Per-window summed NLL and predicted tokens of one source's windows, and its per-layer RoutingStats."""
+    device = next(model.parameters()).device
+    nll, tokens = [], []
+    with RoutingRecorder(model) as recorder:
+        for start in tqdm(range(0, len(sequences), batch_size), desc=desc, disable=not progress):
+            batch = torch.from_numpy(np.array(sequences[start:start + batch_size], dtype=np.int64)).to(device)
+            batch_nll, batch_tokens = window_nll(model, batch)
+            nll.append(batch_nll)
+            tokens.append(batch_tokens)
+    return np.concatenate(nll), np.concatenate(tokens), recorder.stats
+
+
 @torch.no_grad()
 def evaluate_ppl(model, validation, batch_size=8, max_sequences=None, progress=True):
     """Per-source perplexity and activated params: one row per source plus "all".
 
     Columns: source, ppl, tokens, activated_params, activated_params_pct, mean_active_experts (mean over
     layers; NaN for a dense model). `df.attrs["layers"]` holds the per-layer means (source, layer,
-    mean_active_experts) for the Fig. 3 heatmaps.
+    mean_active_experts) for the Fig. 3 heatmaps; `df.attrs["windows"]` the summed NLL and predicted
+    tokens of each window (source, window: its index within the source, nll, tokens), for bootstraps.
     """
     if not validation:
         raise ValueError("no validation source to evaluate")
     model.eval()
-    device = next(model.parameters()).device
-    rows, layer_rows, all_stats = [], [], []
-    total_nll, total_tokens = 0.0, 0
+    rows, layer_rows, window_frames = [], [], []
     for source, sequences in validation.items():
         sequences = sequences[:max_sequences]
         if len(sequences) == 0 or sequences.shape[-1] < 2:
             raise ValueError(f"validation source {source!r} has no window of 2 tokens or more")
-        nll, tokens = 0.0, 0
-        with RoutingRecorder(model) as recorder:
-            for start in tqdm(range(0, len(sequences), batch_size), desc=f"ppl {source}", disable=not progress):
-                batch = torch.from_numpy(np.array(sequences[start:start + batch_size], dtype=np.int64)).to(device)
-                batch_nll, batch_tokens = token_nll(model, batch)
-                nll, tokens = nll + batch_nll, tokens + batch_tokens
-        total_nll, total_tokens = total_nll + nll, total_tokens + tokens
-        all_stats.append(recorder.stats)
-        rows.append((source, nll, tokens, recorder.stats))
-    rows.append(("all", total_nll, total_tokens, [RoutingStats.pooled(layer) for layer in zip(*all_stats)]))
+        nll, tokens, stats = source_nll(model, sequences, batch_size, f"ppl {source}", progress)
+        window_frames.append(pd.DataFrame({"source": source, "window": np.arange(len(nll)), "nll": nll, "tokens": tokens}))
+        rows.append((source, float(nll.sum()), int(tokens.sum()), stats))
+    pooled = [RoutingStats.pooled(layer) for layer in zip(*(stats for *_, stats in rows))]
+    rows.append(("all", sum(r[1] for r in rows), sum(r[2] for r in rows), pooled))
     summary = []
     for source, nll, tokens, stats in rows:
         routing, per_layer = routing_summary(model, stats)
@@ -80,6 +90,7 @@ def evaluate_ppl(model, validation, batch_size=8, max_sequences=None, progress=T
         layer_rows += [{"source": source, "layer": i, "mean_active_experts": k} for i, k in enumerate(per_layer)]
     df = pd.DataFrame(summary)
     df.attrs["layers"] = pd.DataFrame(layer_rows, columns=["source", "layer", "mean_active_experts"])
+    df.attrs["windows"] = pd.concat(window_frames, ignore_index=True)[WINDOW_COLUMNS]
     return df
 
 
@@ -87,7 +98,8 @@ def sweep_tau(model, validation, taus=TABLE4_TAUS, batch_size=8, max_sequences=N
     """Evaluate a DSMoE model at each τ (set in place, restored after): one row per τ.
 
     Columns: tau, ppl (the "all" ppl), activated_params, activated_params_pct, mean_active_experts,
-    then ppl_<source> per source; `df.attrs["layers"]` has (tau, source, layer, mean_active_experts).
+    then ppl_<source> per source; `df.attrs["layers"]` has (tau, source, layer, mean_active_experts),
+    `df.attrs["windows"]` (tau, source, window, nll, tokens).
     """
     if not dsmoe_layers(model):
         raise ValueError(f"{type(model).__name__} is a dense model: a τ-sweep needs a DSMoE model")
@@ -96,7 +108,7 @@ def sweep_tau(model, validation, taus=TABLE4_TAUS, batch_size=8, max_sequences=N
     for tau in taus:
         check_tau(tau)
     original = dsmoe_layers(model)[0].tau
-    rows, layers = [], []
+    rows, layers, windows = [], [], []
     try:
         for tau in tqdm(taus, desc="tau sweep", disable=not progress):
             set_tau(model, tau)
@@ -106,10 +118,12 @@ def sweep_tau(model, validation, taus=TABLE4_TAUS, batch_size=8, max_sequences=N
             row.update({f"ppl_{source}": summary.loc[source, "ppl"] for source in validation})
             rows.append(row)
             layers.append(df.attrs["layers"].assign(tau=float(tau)))
+            windows.append(df.attrs["windows"].assign(tau=float(tau)))
     finally:
         set_tau(model, original)
     df = pd.DataFrame(rows)
     df.attrs["layers"] = pd.concat(layers, ignore_index=True)[["tau", "source", "layer", "mean_active_experts"]]
+    df.attrs["windows"] = pd.concat(windows, ignore_index=True)[["tau", *WINDOW_COLUMNS]]
     return df
 
 
