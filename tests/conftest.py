@@ -137,6 +137,8 @@ def assert_complete(workdir, configfile, run_name="smoke"):
     results = Path(workdir) / "results" / run_name
     for name in ("table1", "table2", "table3", "table4", "table5_6", "claims"):
         assert (results / "tables" / f"{name}.md").stat().st_size > 0
+    for name in ("ppl", "layers", "windows", "sweep", "sweep_windows", "milestones", "milestone_windows"):
+        assert (results / "data" / f"{name}.csv").stat().st_size > 0
     for name in ("heatmap_dsmoe", "heatmap_tasks_dsmoe", "layer_profile", "tau_curves", "no_gx_curve", "token_curve",
                  "explorer"):
         assert (results / "figures" / f"{name}.png").stat().st_size > 0

@@ -34,11 +34,13 @@ def collect(paths, out_dir):
 
 
 def load_run(run_dir):
-    """The collected data of a run: {name: DataFrame} for ppl, layers, bench, sweep, sweep_layers, drop."""
+    """The collected data of a run: {name: DataFrame} for each of `dsmoe.names.RUN_DATA`. A file that an
+    older run did not collect (windows.csv, ...) loads as an empty frame."""
     data_dir = Path(run_dir) / "data"
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir} does not exist; run the workflow (rule collect) first")
-    return {name: pd.read_csv(data_dir / f"{name}.csv") for name in RUN_DATA}
+    return {name: pd.read_csv(path) if (path := data_dir / f"{name}.csv").is_file() else pd.DataFrame(columns=["model"])
+            for name in RUN_DATA}
 
 
 def load_paper(path=PAPER_RESULTS):

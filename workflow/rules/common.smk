@@ -154,8 +154,8 @@ def milestone_flag(wildcards):
     return "--milestones" if wildcards.trained == "dsmoe" and config["eval"]["milestone_tokens"] else ""
 
 
-def milestone_outputs():
-    return [f"{RESULTS}/eval/milestones/dsmoe/milestones.csv"] if "dsmoe" in CONVERTED else []
+def milestone_outputs(filename="milestones.csv"):
+    return [f"{RESULTS}/eval/milestones/dsmoe/{filename}"] if "dsmoe" in CONVERTED else []
 
 
 def max_sequences_flag():

@@ -1,11 +1,13 @@
 rule eval_ppl:
-    """Per-source validation perplexity, activated params and per-layer active experts (Table 1, Fig. 3)."""
+    """Per-source validation perplexity, activated params and per-layer active experts (Table 1, Fig. 3);
+    per-window NLL for the claims' bootstrap intervals."""
     input:
         model=eval_model_dir,
         data=rules.data.output.data,
     output:
         ppl=f"{RESULTS}/eval/ppl/{{model}}/ppl.csv",
         layers=f"{RESULTS}/eval/ppl/{{model}}/layers.csv",
+        windows=f"{RESULTS}/eval/ppl/{{model}}/windows.csv",
     params:
         out_dir=subpath(output.ppl, parent=True),
         max_sequences=max_sequences_flag(),
@@ -48,6 +50,7 @@ rule eval_milestones:
         data=rules.data.output.data,
     output:
         milestones=f"{RESULTS}/eval/milestones/dsmoe/milestones.csv",
+        windows=f"{RESULTS}/eval/milestones/dsmoe/milestone_windows.csv",
     params:
         run_dir=subpath(input.model, parent=True),
         max_sequences=max_sequences_flag(),
@@ -58,4 +61,5 @@ rule eval_milestones:
         ENV
     shell:
         "dsmoe eval milestones --run {params.run_dir} --data {input.data} --label dsmoe"
-        " --batch-size {params.batch_size} {params.max_sequences} --out {output.milestones} > {log} 2>&1"
+        " --batch-size {params.batch_size} {params.max_sequences} --out {output.milestones}"
+        " --windows-out {output.windows} > {log} 2>&1"

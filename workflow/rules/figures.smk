@@ -3,21 +3,27 @@ rule collect:
     input:
         ppl=eval_outputs("ppl", "ppl.csv"),
         layers=eval_outputs("ppl", "layers.csv"),
+        windows=eval_outputs("ppl", "windows.csv"),
         bench=eval_outputs("bench", "bench.csv"),
         bench_layers=eval_outputs("bench", "bench_layers.csv"),
         sweep=expand(f"{RESULTS}/eval/sweep/{{sweep}}/sweep.csv", sweep=SWEPT),
         sweep_layers=expand(f"{RESULTS}/eval/sweep/{{sweep}}/sweep_layers.csv", sweep=SWEPT),
+        sweep_windows=expand(f"{RESULTS}/eval/sweep/{{sweep}}/sweep_windows.csv", sweep=SWEPT),
         drop=rules.drop_sweep.output.drop,
         milestones=milestone_outputs(),
+        milestone_windows=milestone_outputs("milestone_windows.csv"),
     output:
         ppl=f"{RESULTS}/data/ppl.csv",
         layers=f"{RESULTS}/data/layers.csv",
+        windows=f"{RESULTS}/data/windows.csv",
         bench=f"{RESULTS}/data/bench.csv",
         bench_layers=f"{RESULTS}/data/bench_layers.csv",
         sweep=f"{RESULTS}/data/sweep.csv",
         sweep_layers=f"{RESULTS}/data/sweep_layers.csv",
+        sweep_windows=f"{RESULTS}/data/sweep_windows.csv",
         drop=f"{RESULTS}/data/drop.csv",
         milestones=f"{RESULTS}/data/milestones.csv",
+        milestone_windows=f"{RESULTS}/data/milestone_windows.csv",
     params:
         out_dir=subpath(output.ppl, parent=True),
     log:

@@ -8,6 +8,7 @@ rule tau_sweep:
     output:
         sweep=f"{RESULTS}/eval/sweep/{{sweep}}/sweep.csv",
         layers=f"{RESULTS}/eval/sweep/{{sweep}}/sweep_layers.csv",
+        windows=f"{RESULTS}/eval/sweep/{{sweep}}/sweep_windows.csv",
     params:
         taus=sweep_taus,
         rescale=sweep_rescale_flag,
@@ -22,4 +23,4 @@ rule tau_sweep:
     shell:
         "dsmoe eval sweep --model {input.model} --data {input.data} --label {wildcards.sweep} --taus {params.taus}"
         " {params.rescale} --batch-size {params.batch_size} {params.max_sequences}"
-        " --out {output.sweep} --layers-out {output.layers} > {log} 2>&1"
+        " --out {output.sweep} --layers-out {output.layers} --windows-out {output.windows} > {log} 2>&1"
