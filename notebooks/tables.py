@@ -83,9 +83,15 @@ report.save_figure(fig, Path(run_dir) / "figures", "token_curve")
 
 # %% [markdown]
 # ## Does the reproduction hold?
+# Each perplexity comparison carries a paired bootstrap 95% interval over the validation windows
+# (`diff` = `ppl_a` − `ppl_b`, `ci_low`..`ci_high`; 2,000 replicates, a fixed seed): "A beats B" is
+# "yes" only when the interval lies entirely below 0. Without per-window data (an older run) a
+# comparison is "n/a".
 
 # %%
-claims = report.claims(data["ppl"], data["sweep"], data["layers"])
+claims = report.claims(data["ppl"], data["sweep"], data["layers"], windows=data["windows"],
+                       sweep_windows=data["sweep_windows"], milestones=data["milestones"],
+                       milestone_windows=data["milestone_windows"])
 show(claims, "claims")
 for row in claims.itertuples():
     print(f"{row.claim}: reproduced: {row.reproduced}  ({row.evidence})")

@@ -94,6 +94,30 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     return path
 
 
+def synthetic_windows(frame, sources=(("code", 12), ("prose", 8)), tokens=31, spread=0.3):
+    """windows.csv rows for each row of a ppl/sweep/milestones-like frame (source "all" rows, where it has
+    a source): log(ppl) x tokens per window plus zero-mean noise, so each row's pooled ppl is exactly its
+    ppl. The noise is mostly common to every row (window difficulty: pairing), partly the row's own."""
+    import zlib
+
+    import numpy as np
+    import pandas as pd
+
+    rows = frame[frame["source"] == "all"] if "source" in frame else frame
+    keys = [c for c in ("model", "variant", "tau", "step", "train_tokens", "final") if c in rows]
+    names = [s for s, n in sources for _ in range(n)]
+    index = [w for _, n in sources for w in range(n)]
+    common = np.random.default_rng(0).normal(0.0, spread, len(names))
+    frames = []
+    for row in rows.to_dict("records"):
+        seed = zlib.crc32(repr([row[k] for k in keys]).encode())
+        noise = common + np.random.default_rng(seed).normal(0.0, spread / 5, len(names))
+        nll = tokens * (np.log(row["ppl"]) + noise - noise.mean())
+        frames.append(pd.DataFrame({**{k: row[k] for k in keys}, "source": names, "window": index, "nll": nll,
+                                    "tokens": tokens}))
+    return pd.concat(frames, ignore_index=True)
+
+
 # ---------------------------------------------------------------- the Snakemake workflow and its smoke run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -59,7 +59,11 @@ def test_notebook_runs_on_smoke_results(name, smoke_results, tmp_path):
         assert path.is_file() and path.stat().st_size > 0, f"{name} did not write {relative}"
     if name == "tables":
         claims = pd.read_csv(run_dir / "tables" / "claims.csv", keep_default_na=False)  # "n/a" stays a string
-        assert len(claims) == 6 and set(claims["reproduced"]) <= {"yes", "no", "n/a"}
+        pruned = sum(m.startswith("prune_") for m in set(pd.read_csv(run_dir / "data" / "ppl.csv")["model"]))
+        assert len(claims) == 7 + max(1, pruned) and set(claims["reproduced"]) <= {"yes", "no", "n/a"}
+        assert list(claims.columns) == ["claim", "reproduced", "evidence", "ppl_a", "ppl_b", "diff", "ci_low", "ci_high"]
+        assert not claims["evidence"].str.contains("no per-window data").any()  # the workflow collects the windows
+        assert (claims["ci_low"] != "").sum() >= 5  # the comparisons carry their intervals
         table56 = pd.read_csv(run_dir / "tables" / "table5_6.csv")
         assert (table56["source"] == "this run").sum() == 4  # three milestones and the final model
 
@@ -87,26 +91,35 @@ def _sweep(variant, points):
                           "mean_active_experts": pct / 12.5} for t, p, pct in points])
 
 
+def _claims(ppl, sweep, spread=0.3):
+    """`report.claims` with per-window data for every row (`synthetic_windows`, noise of `spread`)."""
+    from conftest import synthetic_windows
+
+    return report.claims(ppl, sweep, windows=synthetic_windows(ppl, spread=spread),
+                         sweep_windows=synthetic_windows(sweep, spread=spread)).set_index("claim")
+
+
 def test_claims_yes_and_no():
     ppl = _ppl_rows([("dsmoe", 10.0, 60.0), ("no_ste", 12.0, 60.0), ("topk", 11.0, 61.0)])
     good = pd.concat([_sweep("dsmoe", [(0.3, 9.0, 65.0), (0.5, 10.0, 60.0), (0.7, 12.0, 55.0)]),
                       _sweep("no_gx", [(0.2, 15.0, 70.0), (0.5, 20.0, 58.0)])])
-    claims = report.claims(ppl, good).set_index("claim")["reproduced"]
-    assert list(claims) == ["yes", "yes", "yes", "yes", "n/a", "n/a"]  # no unscaled no-G sweep, no layers
+    claims = _claims(ppl, good)["reproduced"]
+    # no pruning baseline, no unscaled no-G sweep, no layers, no milestones
+    assert list(claims) == ["yes", "yes", "yes", "n/a", "yes", "n/a", "n/a", "n/a"]
 
     bad_ppl = _ppl_rows([("dsmoe", 13.0, 60.0), ("no_ste", 12.0, 60.0), ("topk", 9.0, 61.0)])
     bad = pd.concat([_sweep("dsmoe", [(0.3, 9.0, 65.0), (0.5, 8.0, 60.0), (0.7, 12.0, 62.0)]),
                      _sweep("no_gx", [(0.2, 5.0, 70.0), (0.5, 6.0, 58.0)])])
-    claims = report.claims(bad_ppl, bad).set_index("claim")["reproduced"]
-    assert list(claims) == ["no", "no", "no", "no", "n/a", "n/a"]
+    claims = _claims(bad_ppl, bad)["reproduced"]
+    assert list(claims) == ["no", "no", "no", "n/a", "no", "n/a", "n/a", "n/a"]
 
 
 def test_claims_interpolate_at_matched_activation():
     # top-k at 62.5% active: DSMoE's sweep gives PPL 9.5 there (between 9 at 65% and 10 at 60%)
     ppl = _ppl_rows([("dsmoe", 10.0, 60.0), ("topk", 9.6, 62.5)])
     sweep = _sweep("dsmoe", [(0.3, 9.0, 65.0), (0.5, 10.0, 60.0)])
-    line = report.claims(ppl, sweep).set_index("claim").loc["DSMoE beats top-k at matched activation"]
-    assert line["reproduced"] == "yes" and "9.5" in line["evidence"]
+    line = _claims(ppl, sweep, spread=0.05).loc["DSMoE beats top-k at matched activation"]  # 0.1 apart: little noise
+    assert line["reproduced"] == "yes" and "9.5" in line["evidence"] and line["ci_high"] < 0
 
 
 def test_collect_refuses_unknown_and_missing_files(tmp_path):

@@ -2,6 +2,7 @@
 metric, Table 1's notes, Tables 5-6, the W-shape rule, the Fig. 2 and Fig. 3 figures."""
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +10,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import synthetic_windows
 from dsmoe import report
 from dsmoe.evaluation import harness
 from dsmoe.names import PAPER_TASKS
+from dsmoe.report import reproduced
 
 PAPER = report.load_paper()
 
@@ -217,25 +220,142 @@ def layers_of(profile, model="dsmoe", sources=("code", "prose")):
                          for source in (*sources, "all") for i, k in enumerate(profile)])
 
 
+def sweep_rows(curves):
+    """sweep.csv rows: {label: (variant, [(tau, ppl, activated %)])}."""
+    return pd.concat([pd.DataFrame([{"model": label, "variant": variant, "tau": t, "ppl": p, "activated_params_pct": a,
+                                     "mean_active_experts": a / 12.5} for t, p, a in points])
+                      for label, (variant, points) in curves.items()], ignore_index=True)
+
+
+CURVES = {"dsmoe": ("dsmoe", [(0.3, 9.0, 65.0), (0.5, 10.0, 60.0), (0.7, 12.0, 55.0)]),
+          "no_gx": ("no_gx", [(0.2, 15.0, 70.0), (0.5, 20.0, 58.0)]),
+          "no_gx_unscaled": ("no_gx", [(0.2, 8.0, 70.0), (0.5, 9.0, 58.0)])}
+
+
+def claims_of(ppl, sweep, layers=None, **frames):
+    """`report.claims` with per-window data made for every row (synthetic_windows), indexed by claim."""
+    return report.claims(ppl, sweep, layers, windows=synthetic_windows(ppl), sweep_windows=synthetic_windows(sweep),
+                         **frames).set_index("claim")
+
+
 def test_claims_state_the_w_shape_and_both_no_g_curves():
     ppl = ppl_rows([("dsmoe", 10.0, 60.0), ("no_ste", 12.0, 60.0), ("topk", 11.0, 61.0)])
-    sweep = pd.concat([pd.DataFrame([{"model": label, "variant": variant, "tau": t, "ppl": p, "activated_params_pct": a,
-                                      "mean_active_experts": a / 12.5}
-                                     for t, p, a in points])
-                       for label, variant, points in (
-                           ("dsmoe", "dsmoe", [(0.3, 9.0, 65.0), (0.5, 10.0, 60.0), (0.7, 12.0, 55.0)]),
-                           ("no_gx", "no_gx", [(0.2, 15.0, 70.0), (0.5, 20.0, 58.0)]),
-                           ("no_gx_unscaled", "no_gx", [(0.2, 8.0, 70.0), (0.5, 9.0, 58.0)]))])
-    claims = report.claims(ppl, sweep, layers_of(W_PROFILES["textbook W, 10 layers"])).set_index("claim")
-    assert len(claims) == 6
-    assert claims.loc["no-G (n/k at inference) is worse at matched activation", "reproduced"] == "yes"
-    assert claims.loc["no-G (no n/k at inference) is worse at matched activation", "reproduced"] == "no"
+    sweep = sweep_rows(CURVES)
+    claims = claims_of(ppl, sweep, layers_of(W_PROFILES["textbook W, 10 layers"]))
+    assert len(claims) == 8 and list(claims.reset_index().columns) == reproduced.COLUMNS
+    scaled, unscaled = (claims.loc[f"no-G ({how}) is worse at matched activation"] for how in ("n/k at inference", "no n/k at inference"))
+    assert scaled["reproduced"] == "yes" and scaled["ci_low"] > 0
+    assert unscaled["reproduced"] == "no" and unscaled["ci_high"] < 0
+    # no-G at DSMoE's 60%: 20 + (60 - 58) / (70 - 58) x (15 - 20), interpolated
+    assert scaled["ppl_a"] == pytest.approx(20 - 5 / 6) and scaled["ppl_b"] == pytest.approx(10.0)
     w_claim = next(c for c in claims.index if c.startswith("W-shaped"))
     assert claims.loc[w_claim, "reproduced"] == "yes" and "6.00, 3.00, 5.00, 3.00, 6.00" in claims.loc[w_claim, "evidence"]
-    flat = report.claims(ppl, sweep, layers_of(NOT_W_PROFILES["U (middle not raised)"])).set_index("claim")
+    assert math.isnan(claims.loc[w_claim, "ci_low"])
+    flat = claims_of(ppl, sweep, layers_of(NOT_W_PROFILES["U (middle not raised)"]))
     assert flat.loc[w_claim, "reproduced"] == "no"
-    two_layers = report.claims(ppl, sweep, layers_of([3, 4])).set_index("claim")
+    two_layers = claims_of(ppl, sweep, layers_of([3, 4]))
     assert two_layers.loc[w_claim, "reproduced"] == "n/a"
+    # without per-window data no comparison is decided; the point values stay in the evidence
+    bare = report.claims(ppl, sweep, layers_of(W_PROFILES["textbook W, 10 layers"])).set_index("claim")
+    compared = [c for c in bare.index if not c.startswith("W-shaped") and "missing" not in bare.loc[c, "evidence"]
+                and "no milestones" not in bare.loc[c, "evidence"]]
+    assert len(compared) == 5 and (bare.loc[compared, "reproduced"] == "n/a").all()
+    assert bare.loc[compared, "evidence"].str.startswith("n/a: no per-window data").all()
+    assert bare.loc[compared, "ci_low"].isna().all() and bare.loc["DSMoE beats no-STE", "diff"] == pytest.approx(-2.0)
+    assert bare.loc[w_claim, "reproduced"] == "yes"
+
+
+def test_clearly_better_is_yes_and_equal_up_to_noise_is_no():
+    sweep = sweep_rows({"dsmoe": CURVES["dsmoe"]})
+    better = claims_of(ppl_rows([("dsmoe", 10.0, 60.0), ("no_ste", 11.0, 59.0)]), sweep).loc["DSMoE beats no-STE"]
+    assert better["reproduced"] == "yes" and better["ci_low"] <= better["diff"] <= better["ci_high"] < 0
+    assert better["diff"] == pytest.approx(-1.0) and (better["ppl_a"], better["ppl_b"]) == pytest.approx((10.0, 11.0))
+    assert re.fullmatch(r"DSMoE 10 vs no-STE 11 at 60\.0% / 59\.0% active: difference -1, 95% CI \[-[\d.]+, -[\d.]+\]",
+                        better["evidence"]), better["evidence"]
+    equal = claims_of(ppl_rows([("dsmoe", 10.0, 60.0), ("no_ste", 10.0, 60.0)]), sweep).loc["DSMoE beats no-STE"]
+    assert equal["reproduced"] == "no" and equal["ci_low"] < 0 < equal["ci_high"] and equal["diff"] == pytest.approx(0, abs=1e-9)
+    with pytest.raises(ValueError, match="dsmoe and no_ste"):  # windows of another validation set
+        report.claims(ppl_rows([("dsmoe", 10.0, 60.0), ("no_ste", 11.0, 59.0)]), sweep,
+                      windows=pd.concat([synthetic_windows(ppl_rows([("dsmoe", 10.0, 60.0)])),
+                                         synthetic_windows(ppl_rows([("no_ste", 11.0, 59.0)]), sources=(("code", 5),))]))
+
+
+def test_matched_activation_interpolates_each_replicate_as_by_hand():
+    """top-k at 62.5%: halfway between DSMoE's τ 0.3 (65%) and 0.5 (60%), in every replicate."""
+    from dsmoe.report.bootstrap import N_BOOT, resample_indices
+
+    ppl = ppl_rows([("dsmoe", 10.0, 60.0), ("topk", 9.6, 62.5)])
+    sweep = sweep_rows({"dsmoe": CURVES["dsmoe"]})
+    line = claims_of(ppl, sweep).loc["DSMoE beats top-k at matched activation"]
+    sweep_windows, windows = synthetic_windows(sweep), synthetic_windows(ppl)
+
+    def sorted_arrays(frame):
+        frame = frame.sort_values(["source", "window"])
+        return frame["source"].to_numpy(), frame["nll"].to_numpy(), frame["tokens"].to_numpy()
+
+    sources, *_ = sorted_arrays(windows[windows["model"] == "topk"])
+    indices = resample_indices(sources, N_BOOT)
+    replicate = {}
+    for key, frame in (("0.3", sweep_windows[sweep_windows["tau"] == 0.3]), ("0.5", sweep_windows[sweep_windows["tau"] == 0.5]),
+                       ("topk", windows[windows["model"] == "topk"])):
+        _, nll, tokens = sorted_arrays(frame)
+        replicate[key] = np.exp(nll[indices].sum(axis=0) / tokens[indices].sum(axis=0))
+    diffs = 0.5 * replicate["0.3"] + 0.5 * replicate["0.5"] - replicate["topk"]
+    assert line["ppl_a"] == pytest.approx(9.5) and line["ppl_b"] == pytest.approx(9.6) and line["diff"] == pytest.approx(-0.1)
+    assert (line["ci_low"], line["ci_high"]) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])), rel=1e-9)
+    assert "DSMoE 9.5 (DSMoE τ-sweep interpolated between τ 0.5 and 0.3) vs top-k 9.6" in line["evidence"]
+    assert line["reproduced"] == ("yes" if line["ci_high"] < 0 else "no")
+    outside = claims_of(ppl_rows([("dsmoe", 10.0, 60.0), ("topk", 12.0, 40.0)]), sweep).loc["DSMoE beats top-k at matched activation"]
+    assert outside["reproduced"] == "yes" and "outside the τ-sweep's range" in outside["evidence"]
+
+
+def test_monotone_claim_names_a_falling_step():
+    ppl = ppl_rows([("dsmoe", 10.0, 60.0)])
+    rising = claims_of(ppl, sweep_rows({"dsmoe": CURVES["dsmoe"]})).loc["PPL against activated params is monotone in τ"]
+    assert rising["reproduced"] == "yes" and rising["ci_low"] > 0 and rising["diff"] == pytest.approx(3.0)
+    assert "no adjacent step's interval lies below 0" in rising["evidence"]
+    dip = sweep_rows({"dsmoe": ("dsmoe", [(0.3, 9.0, 65.0), (0.5, 8.0, 60.0), (0.7, 12.0, 55.0)])})
+    line = claims_of(ppl, dip).loc["PPL against activated params is monotone in τ"]
+    assert line["reproduced"] == "no" and line["ci_low"] > 0 and "PPL falls from τ 0.3 to 0.5" in line["evidence"]
+    assert "0.5 to 0.7" not in line["evidence"]
+
+
+def test_one_claim_per_pruning_baseline():
+    ppl = ppl_rows([("dsmoe", 10.0, 60.0), ("prune_wanda", 14.0, 60.0), ("prune_sparsegpt", 10.05, 59.5)])
+    claims = claims_of(ppl, sweep_rows({"dsmoe": CURVES["dsmoe"]}))
+    wanda, sparsegpt = claims.loc["DSMoE beats prune_wanda at matched activation"], claims.loc["DSMoE beats prune_sparsegpt at matched activation"]
+    assert wanda["reproduced"] == "yes" and "60.0% / 60.0% active" in wanda["evidence"]
+    assert sparsegpt["reproduced"] == "no" and "60.0% / 59.5% active" in sparsegpt["evidence"]
+    assert not any("pruning baselines" in c for c in claims.index)
+
+
+def test_token_claim_from_milestone_windows():
+    milestones = milestone_rows()
+    sweep = sweep_rows({"dsmoe": CURVES["dsmoe"]})
+    ppl = ppl_rows([("dsmoe", 40.0, 60.0)])
+    line = claims_of(ppl, sweep, milestones=milestones, milestone_windows=synthetic_windows(milestones))
+    line = line.loc["PPL falls with continued-pretraining tokens"]
+    assert line["reproduced"] == "yes" and line["diff"] == pytest.approx(40.0 - 90.0) and line["ci_high"] < 0
+    assert "final model 40 after 2.56e+03 tokens vs first milestone 90 after 640 tokens" in line["evidence"]
+    flat = milestones.assign(ppl=40.0)
+    line = claims_of(ppl, sweep, milestones=flat, milestone_windows=synthetic_windows(flat)).loc["PPL falls with continued-pretraining tokens"]
+    assert line["reproduced"] == "no"
+    line = claims_of(ppl, sweep, milestones=milestones).loc["PPL falls with continued-pretraining tokens"]
+    assert line["reproduced"] == "n/a" and "no per-window data" in line["evidence"] and line["diff"] == pytest.approx(-50.0)
+
+
+def test_an_older_run_without_window_files_still_loads(tmp_path):
+    data = tmp_path / "run" / "data"
+    data.mkdir(parents=True)
+    ppl = ppl_rows([("dsmoe", 10.0, 60.0), ("no_ste", 12.0, 60.0)])
+    for name in ("ppl", "layers", "bench", "bench_layers", "sweep", "sweep_layers", "drop", "milestones"):
+        (ppl if name == "ppl" else pd.DataFrame(columns=["model"])).to_csv(data / f"{name}.csv", index=False)
+    run = report.load_run(tmp_path / "run")
+    assert run["windows"].empty and run["sweep_windows"].empty and run["milestone_windows"].empty
+    claims = report.claims(run["ppl"], run["sweep"], run["layers"], run["windows"], run["sweep_windows"],
+                           run["milestones"], run["milestone_windows"]).set_index("claim")
+    assert claims.loc["DSMoE beats no-STE", "reproduced"] == "n/a"
+    assert claims.loc["DSMoE beats no-STE", "evidence"].startswith("n/a: no per-window data")
 
 
 # ---------------------------------------------------------------- Fig. 2 both ways, Fig. 3 as the paper draws it

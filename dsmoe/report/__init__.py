@@ -1,25 +1,30 @@
 """Tables, claims and figures of a run, beside the paper's published numbers (the notebooks use these)."""
 
+from .bootstrap import PairedDiff, interpolation, paired_bootstrap, windows_of
+from .reproduced import claims
 from .plots import (explorer_heatmap, heatmap, heatmap_grid, layer_profile, no_gx_curve, pilot_curves, tau_curves,
                     token_activity, token_curve)
 from .run_data import PAPER_RESULTS, collect, load_paper, load_run, overall, save_figure, save_table
 from .shape import band_means, is_w_shaped, w_shape_claim
-from .tables import claims, paper_methods, paper_tasks, primary_scores, table1, table2, table3, table4, table5_6
+from .tables import paper_methods, paper_tasks, primary_scores, table1, table2, table3, table4, table5_6
 
 __all__ = [
     "PAPER_RESULTS",
+    "PairedDiff",
     "band_means",
     "claims",
     "collect",
     "explorer_heatmap",
     "heatmap",
     "heatmap_grid",
+    "interpolation",
     "is_w_shaped",
     "layer_profile",
     "load_paper",
     "load_run",
     "no_gx_curve",
     "overall",
+    "paired_bootstrap",
     "paper_methods",
     "paper_tasks",
     "pilot_curves",
@@ -35,4 +40,5 @@ __all__ = [
     "token_activity",
     "token_curve",
     "w_shape_claim",
+    "windows_of",
 ]

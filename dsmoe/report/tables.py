@@ -2,12 +2,11 @@
 
 import math
 
-import numpy as np
 import pandas as pd
 
 from ..names import METHOD_ORDER, PAPER_TASKS
+from .reproduced import claims  # noqa: F401 (the claims live in reproduced.py; tables.claims as before)
 from .run_data import overall
-from .shape import w_shape_claim
 
 
 def paper_methods(paper):
@@ -99,15 +98,6 @@ def table4(sweep, paper):
     return ours.merge(theirs, on="tau", how="outer").sort_values("tau").reset_index(drop=True)
 
 
-def _ppl_at(curve, activated_pct):
-    """PPL of a sweep curve, linearly interpolated at an activated-params percent (None outside it)."""
-    curve = curve.sort_values("activated_params_pct")
-    x, y = curve["activated_params_pct"].to_numpy(), curve["ppl"].to_numpy()
-    if len(x) == 0 or not x[0] <= activated_pct <= x[-1]:
-        return None
-    return float(np.interp(activated_pct, x, y))
-
-
 def table5_6(milestones, paper):
     """Appendix B: perplexity against continued-pretraining tokens, this run's DSMoE model (its
     milestones and its final model) followed by the paper's LLaMA-1B (Table 5) and LLaMA-7B (Table 6)."""
@@ -121,62 +111,3 @@ def table5_6(milestones, paper):
                   "tokens": tokens, "ppl": value, "activated_params_pct": math.nan, "final": False}
                  for tokens, value in zip(table["tokens"], table["ppl"])]
     return pd.DataFrame(rows, columns=["source", "model", "step", "tokens", "ppl", "activated_params_pct", "final"])
-
-
-def claims(ppl, sweep, layers=None):
-    """One line per qualitative claim of the paper: reproduced yes/no, with the numbers behind it."""
-    ours = overall(ppl)
-    lines = []
-
-    def add(claim, ok, evidence):
-        lines.append({"claim": claim, "reproduced": "n/a" if ok is None else ("yes" if ok else "no"), "evidence": evidence})
-
-    curve = sweep[sweep["variant"] == "dsmoe"].sort_values("tau")
-    if len(curve) >= 2:
-        act_falls = bool((curve["activated_params_pct"].diff().dropna() <= 1e-9).all())
-        ppl_rises = bool((curve["ppl"].diff().dropna() >= -1e-9).all())
-        add("PPL against activated params is monotone in τ", act_falls and ppl_rises,
-            f"τ {curve['tau'].min():g}..{curve['tau'].max():g}: activated params non-increasing: {act_falls}; "
-            f"PPL non-decreasing: {ppl_rises}")
-    else:
-        add("PPL against activated params is monotone in τ", None, "no DSMoE τ-sweep in this run")
-
-    if {"dsmoe", "no_ste"} <= set(ours.index):
-        a, b = ours.loc["dsmoe"], ours.loc["no_ste"]
-        add("DSMoE beats no-STE", a["ppl"] < b["ppl"],
-            f"PPL {a['ppl']:.4g} ({a['activated_params_pct']:.1f}% active) vs {b['ppl']:.4g} ({b['activated_params_pct']:.1f}%)")
-    else:
-        add("DSMoE beats no-STE", None, "dsmoe or no_ste missing from this run")
-
-    if {"dsmoe", "topk"} <= set(ours.index):
-        top = ours.loc["topk"]
-        matched = _ppl_at(curve, top["activated_params_pct"])
-        dsmoe_ppl = ours.loc["dsmoe", "ppl"] if matched is None else matched
-        how = "DSMoE τ-sweep interpolated" if matched is not None else "DSMoE at its τ (top-k outside the sweep's range)"
-        add("DSMoE beats top-k at matched activation", dsmoe_ppl < top["ppl"],
-            f"at {top['activated_params_pct']:.1f}% active: DSMoE PPL {dsmoe_ppl:.4g} ({how}) vs top-k {top['ppl']:.4g}")
-    else:
-        add("DSMoE beats top-k at matched activation", None, "dsmoe or topk missing from this run")
-
-    for label, how_scaled in (("no_gx", "n/k at inference"), ("no_gx_unscaled", "no n/k at inference")):
-        add(f"no-G ({how_scaled}) is worse at matched activation", *_no_gx_claim(ours, sweep, label))
-
-    shaped, evidence = w_shape_claim(layers)
-    add("W-shaped layer profile (§6.3; five equal layer bands, bands 1, 3, 5 each above bands 2 and 4)", shaped, evidence)
-    return pd.DataFrame(lines)
-
-
-def _no_gx_claim(ours, sweep, label):
-    """`(reproduced, evidence)`: the no-G sweep `label` against DSMoE's point at matched activation."""
-    no_gx = sweep[sweep["model"] == label] if "model" in sweep else sweep.iloc[0:0]
-    if "dsmoe" not in ours.index or no_gx.empty:
-        return None, f"dsmoe or the {label} sweep missing from this run"
-    point = ours.loc["dsmoe"]
-    matched = _ppl_at(no_gx, point["activated_params_pct"])
-    if matched is None:
-        nearest = no_gx.iloc[(no_gx["activated_params_pct"] - point["activated_params_pct"]).abs().argmin()]
-        matched, how = float(nearest["ppl"]), f"nearest no-G point, {nearest['activated_params_pct']:.1f}% active"
-    else:
-        how = "no-G τ-sweep interpolated"
-    return matched > point["ppl"], (f"at {point['activated_params_pct']:.1f}% active: no-G PPL {matched:.4g} ({how}) "
-                                    f"vs DSMoE {point['ppl']:.4g}")
