@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test lint clean gpu-check
+.PHONY: venv demo test lint clean gpu-check cpu-study
 
 $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ venv: $(STAMP)
 # The whole embedded-default DAG (config/config.yaml): results/default/{tables,figures,notebooks}.
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
+
+# The CPU study (config/cpu-study.yaml, about 2 hours on 2 cores): results/cpu-study/, committed without weights.
+cpu-study: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config/cpu-study.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -154,12 +154,12 @@ def test_bf16_gpu_check_plumbing_on_the_cpu(tiny_model_dir, tmp_path):
 
 
 def test_bf16_auto_precision_only_where_bf16_is_fast(monkeypatch):
-    """`train.mixed_precision: auto` picks bf16 on a CPU with AMX tiles or AVX-512 BF16, fp32 on one without."""
+    """`train.mixed_precision: auto` picks bf16 on a CPU with AMX tiles and fp32 on one without."""
     from dsmoe.train.trainer import resolve_mixed_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for amx, avx512_bf16, expected in [(True, False, "bf16"), (False, True, "bf16"), (False, False, "no")]:
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-        assert resolve_mixed_precision("auto") == expected
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_mixed_precision("auto") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_mixed_precision("auto") == "no"
     assert resolve_mixed_precision("bf16") == "bf16" and resolve_mixed_precision("no") == "no"
