@@ -27,10 +27,13 @@ demo: $(STAMP)
 # The CPU study (config/cpu-study.yaml, about 75 minutes on 2 idle cores): results/cpu-study/, committed
 # without weights. $(CORES) jobs at a time, one thread each: two torch processes of 2 threads each on
 # 2 cores run 7x slower than one (measured), and the single-threaded parts of jobs overlap.
+# The DSMoE chain (train, evaluate, prune SparseGPT to its activation, train that) goes first: it is the longest.
 STUDY_RULES := base_model data convert pretrain prune drop_sweep eval_ppl tau_sweep lm_eval eval_milestones notebook_explorer
+STUDY_FIRST := results/cpu-study/models/prune_sparsegpt/model results/cpu-study/eval/ppl/prune_sparsegpt/ppl.csv
 cpu-study: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) \
-		--configfile config/cpu-study.yaml --keep-going --set-threads $(foreach r,$(STUDY_RULES),$(r)=1)
+		--configfile config/cpu-study.yaml --keep-going --rerun-incomplete --prioritize $(STUDY_FIRST) \
+		--set-threads $(foreach r,$(STUDY_RULES),$(r)=1)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
