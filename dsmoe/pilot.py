@@ -102,7 +102,8 @@ def run_pilot(config, steps, data_dir, out, compare=(), label=None, evaluate=Tru
     config = pilot_config(config, steps)
     if read_manifest(data_dir)["seq_len"] != config["data"]["seq_len"]:
         raise ValueError(f"{data_dir} was prepared with another seq_len than data.seq_len={config['data']['seq_len']}")
-    validation = load_validation(data_dir, held_out_split(data_dir)) if evaluate else None
+    split = held_out_split(data_dir) if evaluate else None
+    validation = load_validation(data_dir, split) if evaluate else None
     start = time.perf_counter()
     rows = convert_base(config, data_dir, out, validation)
     train(config, out / "init", data_dir, out / "run", overwrite=True, resume=False)
@@ -114,7 +115,7 @@ def run_pilot(config, steps, data_dir, out, compare=(), label=None, evaluate=Tru
         pd.DataFrame(rows).to_csv(out / "ppl.csv", index=False)
     log = read_log(out / "run")
     label = label or out.name
-    summary = summarize(config, steps, log, rows, label, wall, held_out_split(data_dir) if evaluate else None)
+    summary = summarize(config, steps, log, rows, label, wall, split)
     (out / "pilot.json").write_text(json.dumps(summary, indent=2))
     curves = {label: log, **{Path(other).name: read_log(Path(other) / "run") for other in compare}}
     pilot_curves(curves, out / "curves.png", config["train"]["adaptive_sparsity"])
