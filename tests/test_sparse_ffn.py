@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from dsmoe.model.modeling_dsmoe import DSMoEMLP
-from dsmoe.model.sparse_ffn import FEW_TOKENS, expert_down_weights, masked_expert_ffn, sparse_expert_ffn
+from dsmoe.model.sparse_ffn import (FEW_TOKENS, expert_down_weights, masked_expert_ffn, onednn_runs, pack_expert_weights,
+                                    sparse_expert_ffn)
 
 TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5),
              torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
@@ -54,19 +55,77 @@ def coefficients(active, seed=1):
     return probs * active * active.shape[1] / active.sum(1, keepdim=True).clamp(min=1)
 
 
+PATTERNS = ["quarter", "half", "all_on", "all_off", "one_expert", "runs"]
+TOKEN_COUNTS = sorted({1, 2, 5, 50, FEW_TOKENS, FEW_TOKENS + 1})
+needs_onednn = pytest.mark.skipif(not onednn_runs(torch.float32), reason="this torch has no oneDNN linear on CPU")
+
+
+def sparse_with(mode, x, w_gate, w_up, w_down, coef, active, act_fn=F.silu):
+    """The eval path with the expert weights of `mode`: views, V_iᵀ cache (with or without autograd), packed."""
+    down_t = expert_down_weights(w_down, 8) if mode.startswith("cached") else None
+    packed = pack_expert_weights(w_gate, w_up, w_down, 8) if mode == "packed" else None
+    with torch.set_grad_enabled(mode not in ("cached_no_grad", "packed")):
+        return sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t=down_t, packed=packed)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("tokens", sorted({1, 2, 5, 50, FEW_TOKENS, FEW_TOKENS + 1}))
-@pytest.mark.parametrize("pattern", ["quarter", "half", "all_on", "all_off", "one_expert", "runs"])
-@pytest.mark.parametrize("mode", ["views", "cached", "cached_no_grad"])
+@pytest.mark.parametrize("tokens", TOKEN_COUNTS)
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("mode", ["views", "cached", "cached_no_grad", "packed"])
 def test_sparse_matches_masked_reference(dtype, tokens, pattern, mode):
-    x, w_gate, w_up, w_down = random_ffn(tokens, dtype=dtype)
-    active = activation_pattern(pattern, tokens)
-    coef = coefficients(active).to(dtype)
-    down_t = None if mode == "views" else expert_down_weights(w_down, 8)
-    with torch.set_grad_enabled(mode != "cached_no_grad"):
-        out = sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, F.silu, down_t=down_t)
+    if mode == "packed" and not onednn_runs(dtype):
+        pytest.skip(f"oneDNN does not run {dtype} here")
+    x, w_gate, w_up, w_down = random_ffn(tokens, dtype=dtype, seed=tokens)
+    active = activation_pattern(pattern, tokens, seed=tokens)
+    coef = coefficients(active, seed=tokens + 1).to(dtype)
+    out = sparse_with(mode, x, w_gate, w_up, w_down, coef, active)
     torch.testing.assert_close(out, masked_expert_ffn(x, w_gate, w_up, w_down, coef, F.silu), **TOLERANCE[dtype])
     assert out[~active.any(1)].eq(0).all()
+
+
+@pytest.mark.parametrize("tokens", TOKEN_COUNTS)
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("mode", ["views", "cached_no_grad", "packed"])
+def test_bfloat16_paths_match_the_float64_reference(tokens, pattern, mode):
+    if mode == "packed" and not onednn_runs(torch.bfloat16):
+        pytest.skip("oneDNN does not run bfloat16 on this CPU")
+    x, w_gate, w_up, w_down = random_ffn(tokens, d=64, D=256, seed=tokens)
+    active = activation_pattern(pattern, tokens, seed=tokens)
+    coef = coefficients(active, seed=tokens + 1)
+    low = [t.bfloat16() for t in (x, w_gate, w_up, w_down, coef)]
+    expected = masked_expert_ffn(*(t.double() for t in low), F.silu)  # the bf16 inputs, exactly
+    out = sparse_with(mode, *low, active)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, **TOLERANCE[torch.bfloat16])
+
+
+@needs_onednn
+@pytest.mark.parametrize("tokens", [1, 30])
+@pytest.mark.parametrize("act_fn", [F.gelu, torch.nn.SiLU(), torch.tanh])
+def test_packed_path_with_other_activations(tokens, act_fn):
+    x, w_gate, w_up, w_down = random_ffn(tokens, dtype=torch.float32, seed=11)
+    active = activation_pattern("half", tokens, seed=11)
+    coef = coefficients(active, seed=12).float()
+    out = sparse_with("packed", x, w_gate, w_up, w_down, coef, active, act_fn)
+    torch.testing.assert_close(out, masked_expert_ffn(x, w_gate, w_up, w_down, coef, act_fn), **TOLERANCE[torch.float32])
+
+
+@needs_onednn
+def test_packed_path_over_many_fresh_routings():
+    """Fresh random inputs and routings (so fresh per-expert row counts) against the reference."""
+    generator = torch.Generator().manual_seed(13)
+    x, w_gate, w_up, w_down = random_ffn(200, dtype=torch.float32, seed=13)
+    packed = pack_expert_weights(w_gate, w_up, w_down, 8)
+    for _ in range(20):
+        tokens = int(torch.randint(1, 200, (1,), generator=generator))
+        share = float(torch.rand(1, generator=generator))
+        active = torch.rand(tokens, 8, generator=generator) < share
+        coef = (torch.rand(tokens, 8, generator=generator) * 2).float()
+        xt = torch.randn(tokens, 24, generator=generator)
+        with torch.no_grad():
+            out = sparse_expert_ffn(xt, w_gate, w_up, w_down, coef, active, F.silu, packed=packed)
+        torch.testing.assert_close(out, masked_expert_ffn(xt, w_gate, w_up, w_down, coef * active, F.silu),
+                                   **TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("tokens", [2, 20])
@@ -149,8 +208,8 @@ def test_layer_in_eval_mode_matches_reference_and_tracks_weight_changes(tokens):
     hidden = torch.randn(2, tokens, 32)
     with torch.no_grad():
         torch.testing.assert_close(layer(hidden), layer_reference(layer, hidden))
-        cached = layer._expert_down_weights()
-        assert cached is layer._expert_down_weights()  # built once
+        cached = layer._expert_weights(hidden)
+        assert cached is layer._expert_weights(hidden)  # built once
         layer.down_proj.weight.mul_(-2.0)  # in place, as an optimizer step or load_state_dict does
         torch.testing.assert_close(layer(hidden), layer_reference(layer, hidden))
         layer.down_proj.weight = torch.nn.Parameter(torch.randn(32, 64))  # replaced
@@ -158,7 +217,7 @@ def test_layer_in_eval_mode_matches_reference_and_tracks_weight_changes(tokens):
         layer.double()  # moved
         torch.testing.assert_close(layer(hidden.double()), layer_reference(layer, hidden.double()))
     layer.train()
-    assert layer._down_cache is None
+    assert layer._expert_cache is None
 
 
 def test_layer_cache_adds_no_checkpoint_entries():
@@ -166,7 +225,7 @@ def test_layer_cache_adds_no_checkpoint_entries():
     keys = set(layer.state_dict())
     with torch.no_grad():
         layer(torch.randn(1, 20, 32))
-    assert layer._down_cache is not None
+    assert layer._expert_cache is not None
     assert set(layer.state_dict()) == keys == {"gate_proj.weight", "up_proj.weight", "down_proj.weight", "gate.weight"}
 
 
@@ -174,7 +233,7 @@ def test_layer_in_eval_mode_with_gradients_skips_the_cache():
     layer = tiny_layer()
     hidden = torch.randn(1, 20, 32)
     layer(hidden).sum().backward()
-    assert layer._down_cache is None and layer.down_proj.weight.grad is not None
+    assert layer._expert_cache is None and layer.down_proj.weight.grad is not None
     reference = tiny_layer()
     layer_reference(reference, hidden).sum().backward()
     torch.testing.assert_close(layer.down_proj.weight.grad, reference.down_proj.weight.grad)
@@ -192,3 +251,28 @@ def test_layer_in_bfloat16_on_cuda_matches_reference(tokens):
     weights = (layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight)
     expected = masked_expert_ffn(hidden.reshape(-1, 32).double(), *(w.double() for w in weights), coef, F.silu)
     torch.testing.assert_close(out.reshape(-1, 32).double(), expected, **TOLERANCE[torch.bfloat16])
+
+
+@needs_onednn
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_layer_packs_its_experts_once_and_matches_the_unpacked_layer(tokens):
+    layer, hidden = tiny_layer(), torch.randn(2, tokens, 32)
+    with torch.no_grad():
+        out = layer(hidden)
+        down_t, packed = layer._expert_weights(hidden)
+        assert down_t is None and len(packed) == 8 and layer._expert_weights(hidden)[1] is packed
+        layer.pack_experts = False
+        unpacked = layer(hidden)
+        assert layer._expert_weights(hidden)[1] is None
+    torch.testing.assert_close(out, unpacked, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(out, layer_reference(layer, hidden), **TOLERANCE[torch.float32])
+
+
+@pytest.mark.skipif(not onednn_runs(torch.bfloat16), reason="oneDNN does not run bfloat16 on this CPU")
+def test_layer_under_bf16_autocast_packs_bf16_experts():
+    layer, hidden = tiny_layer(), torch.randn(2, 30, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(hidden)
+        assert layer._expert_weights(hidden)[1][0][0].dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), layer_reference(layer, hidden), **TOLERANCE[torch.bfloat16])

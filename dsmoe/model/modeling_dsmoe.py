@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 from .configuration_dsmoe import TOPK_VARIANTS, DSMoEConfig, check_tau
-from .sparse_ffn import expert_down_weights, sparse_expert_ffn
+from .sparse_ffn import expert_down_weights, onednn_runs, pack_expert_weights, sparse_expert_ffn
 
 
 def route(logits, variant, tau, top_k, training, rescale=True):
@@ -134,8 +134,10 @@ class DSMoEMLP(nn.Module):
 
     Training computes every expert with full-size GEMMs and weights each expert's slice of the
     intermediate activations by its coefficient (equal to Σ_i coef_i·o_i, since V is linear).
-    Inference computes only the active experts (`sparse_expert_ffn`), with V_iᵀ cached
-    contiguously per expert (one extra copy of down_proj, built lazily, dropped by `.train()`).
+    Inference computes only the active experts (`sparse_expert_ffn`) from cached expert weights,
+    built lazily and dropped by `.train()`: on CPU in fp32 or bf16, each expert's weights packed
+    for oneDNN (one extra copy of the FFN weights; set `pack_experts = False` to keep only V_iᵀ
+    per expert, a third of that, at some speed), elsewhere V_iᵀ contiguous per expert.
 
     Gate init: Y ~ N(0, gate_init_std²), default 0.02. Each gate then opens for roughly half the
     tokens with σ close to 0.5, so the converted model starts as a randomly routed half-width FFN
@@ -143,6 +145,8 @@ class DSMoEMLP(nn.Module):
     (numbers in the README). A zero init is avoided: σ(0) = 0.5 is not > τ = 0.5, so every expert
     would be off.
     """
+
+    pack_experts = True  # eval on CPU: oneDNN-packed expert weights (see above)
 
     def __init__(self, config: DSMoEConfig):
         super().__init__()
@@ -167,7 +171,7 @@ class DSMoEMLP(nn.Module):
         self.last_gate_probs = None  # σ(h·Y) (softmax for top-k), T x n, from the latest forward
         self.last_active = None  # bool T x n, from the latest forward
         self.routing_stats = None  # set by dsmoe.RoutingRecorder
-        self._down_cache = None  # (down_proj.weight, its data_ptr, its version, V_iᵀ per expert), eval only
+        self._expert_cache = None  # (weights, their data_ptr/version and dtype, (V_iᵀ per expert, packed)), eval only
 
     @classmethod
     def from_dense(cls, mlp, n_experts=None, tau=None, variant=None, top_k=None, gate_init_std=None, name="mlp"):
@@ -211,8 +215,9 @@ class DSMoEMLP(nn.Module):
             inter = inter.view(-1, self.n_experts, self.expert_size) * coef.unsqueeze(-1)
             out = self.down_proj(inter.view(-1, self.intermediate_size))
         else:
+            down_t, packed = self._expert_weights(x)
             out = sparse_expert_ffn(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, coef, active,
-                                    self.act_fn, down_t=self._expert_down_weights())
+                                    self.act_fn, down_t=down_t, packed=packed)
         return out.view(hidden_states.shape)
 
     def gate_logits(self, x):
@@ -221,23 +226,33 @@ class DSMoEMLP(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return nn.functional.linear(x.to(dtype), self.gate.weight.to(dtype))
 
-    def _expert_down_weights(self):
-        """V_iᵀ contiguous per expert, built on first use and rebuilt when down_proj.weight is
-        replaced, moved or changed in place (its version counter); None while it needs gradients
-        (or is an inference tensor, which has no version counter): then strided views are used.
+    def _expert_weights(self, x):
+        """`(down_t, packed)` for `sparse_expert_ffn`: cached expert weights, or None for either.
+
+        Built on first use and rebuilt when a weight is replaced, moved or changed in place (its
+        version counter) or the compute dtype changes. Packed (oneDNN) weights where they run the
+        compute dtype and nothing needs gradients; else V_iᵀ per expert unless down_proj needs
+        gradients. Inference tensors have no version counter: strided views are used for them.
         Writes through `.data` bypass the version counter: call `.eval()` after them."""
-        weight = self.down_proj.weight
-        if (torch.is_grad_enabled() and weight.requires_grad) or weight.is_inference():
-            return None
-        key = (weight, weight.data_ptr(), weight._version)
-        cached = self._down_cache
-        if cached is None or cached[0] is not key[0] or cached[1:3] != key[1:]:
+        weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        if any(w.is_inference() for w in weights):
+            return None, None
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        autograd = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        pack = self.pack_experts and not autograd and onednn_runs(dtype, x.device)
+        if not pack and torch.is_grad_enabled() and weights[2].requires_grad:
+            return None, None
+        state = (pack, dtype if pack else None, *((w.data_ptr(), w._version) for w in weights))
+        cached = self._expert_cache
+        if cached is None or cached[1] != state or any(a is not b for a, b in zip(cached[0], weights)):
             with torch.inference_mode(False), torch.no_grad():
-                self._down_cache = (*key, expert_down_weights(weight, self.n_experts))
-        return self._down_cache[3]
+                built = (None, pack_expert_weights(*weights, self.n_experts, dtype)) if pack else \
+                    (expert_down_weights(weights[2], self.n_experts), None)
+            self._expert_cache = cached = (weights, state, built)
+        return cached[2]
 
     def train(self, mode=True):
-        self._down_cache = None
+        self._expert_cache = None
         return super().train(mode)
 
     def extra_repr(self):

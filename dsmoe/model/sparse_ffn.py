@@ -5,11 +5,16 @@ o_i = (act(x W_i) ⊙ x U_i) V_i uses expert i's slice of the dense weights (Eq.
 `masked_expert_ffn` is the simple reference: the dense FFN with each expert's slice weighted.
 
 Expert i's rows of `w_gate` and `w_up` are already one contiguous block each; its slice of
-`w_down` is a column block, so `expert_down_weights` stores V_iᵀ contiguously per expert
-(DSMoEMLP caches it for inference). Two schedules, both with one Python step per expert:
-  - one token (decode at batch 1): multiply by its active experts' weights directly, one GEMV
-    trio per run of neighbouring active experts (all on = the dense FFN). Cost is memory-bound:
-    k/n of the dense FFN's weight traffic.
+`w_down` is a column block. Two kinds of cached expert weights, both built once per weight
+version by DSMoEMLP in eval mode (the checkpoint format is unchanged):
+  - `expert_down_weights`: V_iᵀ contiguous per expert (a third of the FFN weights again);
+  - `pack_expert_weights` (CPU, fp32 and bf16 where oneDNN runs them): each expert's W_i, U_i
+    and V_i reordered once into oneDNN's blocked layout (the FFN weights again). A plain GEMM
+    re-packs its weight on every call, which costs most when an expert has few tokens; oneDNN's
+    linear also fuses the activation and the product with x U_i into its epilogue.
+Schedules, one Python step per expert:
+  - one token (decode at batch 1): only its active experts' weights are read. Memory-bound:
+    k/n of the dense FFN's weight traffic. Unpacked: one GEMV trio per run of neighbouring experts.
   - more tokens (batched decode, prefill, scoring): (token, expert) pairs are grouped by expert
     with one gather, each expert runs one GEMM trio on its own tokens, one index_add scatters
     back. (Even for 2-8 tokens this beats running the union of their experts on all of them:
@@ -35,11 +40,31 @@ def expert_down_weights(w_down, n_experts):
     return w_down.t().reshape(n_experts, -1, w_down.shape[0]).contiguous()
 
 
-def sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t=None):
+def onednn_runs(dtype, device="cpu"):
+    """Whether `pack_expert_weights` and the packed schedules can run `dtype` on `device`."""
+    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pack_expert_weights(w_gate, w_up, w_down, n_experts, dtype=None):
+    """Per expert, (W_i, U_i, V_i) as oneDNN-packed linear weights in `dtype` (default: theirs)."""
+    dtype = dtype or w_gate.dtype
+    size = w_gate.shape[0] // n_experts
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    with torch.no_grad():
+        return [tuple(reorder(w.to(dtype).contiguous(), None) for w in (w_gate[rows], w_up[rows], w_down[:, rows]))
+                for rows in (slice(i * size, (i + 1) * size) for i in range(n_experts))]
+
+
+def sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t=None, packed=None):
     """x: T x d; w_gate, w_up: D x d; w_down: d x D; coef: T x n; active: bool T x n.
 
     Experts outside `active` contribute nothing. `down_t` (from `expert_down_weights`) is
-    optional: without it, expert i's V_iᵀ is a strided view of `w_down` (no copy).
+    optional: without it, expert i's V_iᵀ is a strided view of `w_down` (no copy). `packed`
+    (from `pack_expert_weights`, in the compute dtype; needs no autograd) replaces both.
     """
     n = coef.shape[-1]
     if down_t is None:
@@ -47,8 +72,12 @@ def sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t=None
     if torch.is_autocast_enabled(x.device.type):  # mixed precision: the autocast dtype, expert slices cast on use
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-            return sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t)
+            return sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t, packed)
     coef = coef.to(x.dtype)
+    if packed is not None:
+        if x.shape[0] == 1:
+            return _packed_one_token(x, packed, coef, active, act_fn)
+        return _packed_grouped_by_expert(x, packed, coef, active, act_fn)
     if x.shape[0] <= FEW_TOKENS:
         return _union_of_experts(x, w_gate, w_up, down_t, coef * active, active.any(0), act_fn)
     return _grouped_by_expert(x, w_gate, w_up, down_t, coef, active, act_fn)
@@ -80,10 +109,7 @@ def _union_of_experts(x, w_gate, w_up, down_t, coef, used, act_fn):
 def _grouped_by_expert(x, w_gate, w_up, down_t, coef, active, act_fn):
     # Row-major nonzero of the n x T mask lists pairs sorted by expert, tokens ascending.
     size = down_t.shape[1]
-    expert_major = active.t()
-    token_idx = expert_major.nonzero()[:, 1]
-    weights = coef.t()[expert_major].unsqueeze(-1)
-    counts = expert_major.sum(1).tolist()
+    token_idx, weights, counts = _pairs_by_expert(coef, active)
     xs = x.index_select(0, token_idx)
     in_place = not torch.is_grad_enabled()  # no autograd: reuse buffers, write into one output
     ys, start = torch.empty_like(xs) if in_place else [], 0
@@ -103,3 +129,44 @@ def _grouped_by_expert(x, w_gate, w_up, down_t, coef, active, act_fn):
     if start == 0:
         return x.new_zeros(x.shape)
     return x.new_zeros(x.shape).index_add_(0, token_idx, ys if in_place else torch.cat(ys))
+
+
+def _pairs_by_expert(coef, active):
+    """Active (token, expert) pairs sorted by expert: token indices, coefficients (P x 1), counts per expert."""
+    expert_major = active.t()  # row-major nonzero of the n x T mask: by expert, tokens ascending
+    token_idx = expert_major.nonzero()[:, 1]
+    return token_idx, coef.t()[expert_major].unsqueeze(-1), expert_major.sum(1).tolist()
+
+
+_linear = torch.ops.mkldnn._linear_pointwise if hasattr(torch.ops, "mkldnn") else None
+
+
+def _packed_swiglu(x, gate, up, act_fn):
+    """act(x W_i) ⊙ x U_i with packed W_i, U_i: SiLU and the product fused into the GEMMs."""
+    if isinstance(act_fn, torch.nn.SiLU) or type(act_fn).__name__ == "SiLUActivation" or act_fn is torch.nn.functional.silu:
+        h = _linear(x, gate, None, "swish", [], "")
+    else:
+        h = act_fn(_linear(x, gate, None, "none", [], ""))
+    return _linear.binary(x, h, up, None, "mul")
+
+
+def _packed_one_token(x, packed, coef, active, act_fn):
+    out = None
+    for i, (on, weight) in enumerate(zip(active[0].tolist(), coef[0].tolist())):
+        if on:
+            gate, up, down = packed[i]
+            y = _linear(_packed_swiglu(x, gate, up, act_fn), down, None, "none", [], "")
+            out = y.mul_(weight) if out is None else out.add_(y, alpha=weight)
+    return x.new_zeros(x.shape) if out is None else out
+
+
+def _packed_grouped_by_expert(x, packed, coef, active, act_fn):
+    token_idx, weights, counts = _pairs_by_expert(coef, active)
+    xs, out, start = x.index_select(0, token_idx), x.new_zeros(x.shape), 0
+    for (gate, up, down), count in zip(packed, counts):
+        if count:
+            pairs = slice(start, start + count)
+            h = _packed_swiglu(xs[pairs], gate, up, act_fn).mul_(weights[pairs])
+            out.index_add_(0, token_idx[pairs], _linear(h, down, None, "none", [], ""))
+            start += count
+    return out
