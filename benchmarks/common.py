@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,14 +49,17 @@ def clock_for(name, device, threads):
     return CLOCKS[name]
 
 
-def time_side_by_side(candidates, device, repeats=5, warmup=1, budget_s=None, min_round_s=0.05, clock=time.perf_counter):
-    """Best (minimum) seconds of one call of each callable in `candidates` (name -> fn).
+def time_side_by_side(candidates, device, repeats=5, warmup=1, budget_s=None, min_round_s=0.05, clock=time.perf_counter,
+                      stat="min"):
+    """Seconds of one call of each callable in `candidates` (name -> fn): the `stat` ("min" or
+    "median") of its timed calls.
 
     Calls are interleaved round-robin (a, b, c, a, b, c, ...) so that load from other processes
     on a shared machine hits every candidate alike, and the minimum keeps the calls that it did
     not slow. A fast callable runs several times per round (for about `min_round_s`). `clock`:
     time.perf_counter (wall) or time.process_time (CPU time, see `clock_for`).
-    `budget_s` stops early after at least 2 rounds.
+    `budget_s` stops early after at least 2 rounds. The median suits an idle machine of your own;
+    the minimum, one shared with other busy processes.
     """
     number = {}
     for name, fn in candidates.items():
@@ -77,7 +81,8 @@ def time_side_by_side(candidates, device, repeats=5, warmup=1, budget_s=None, mi
                 times[name].append(clock() - t0)
         if budget_s is not None and round_ >= 1 and time.perf_counter() - start > budget_s:
             break
-    return {name: min(values) for name, values in times.items()}
+    pick = {"min": min, "median": statistics.median}[stat]
+    return {name: pick(values) for name, values in times.items()}
 
 
 def environment():

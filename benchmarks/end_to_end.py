@@ -14,6 +14,7 @@ benchmarks/train_throughput.py's, timed here with the same clock as the rest.
 """
 
 import argparse
+import copy
 import math
 import time
 
@@ -23,10 +24,12 @@ import torch
 from common import RESULTS, check_target, clock_for, default_dtype, devices, time_side_by_side, write_results
 
 import dsmoe
+from dsmoe.model.modeling_dsmoe import decoder_layers
+from dsmoe.model.sparse_ffn import onednn_runs, pack_expert_weights, packed_expert_ffn
 
 PAPER_FFN_FRACTION = {0.3: 0.42, 0.5: 0.38, 0.7: 0.33}  # LLaMA-1B, Table 4, attention/embeddings excluded
 LOGIT_SPREAD = 4.0  # std of s·h·r_i over tokens: wide enough that the shift t stays small next to it
-DEFAULT_MODEL = "/work/main/resources/smollm2-135m-dense"
+DEFAULT_MODEL = "smollm2-135m"
 
 
 def corpus_ids(tokenizer, tokens):
@@ -71,16 +74,55 @@ def set_gates_for_fraction(model, input_ids, fraction, tau, seed=0):
             hook.remove()
 
 
-def measured_fraction(model, fn):
-    with dsmoe.RoutingRecorder(model) as recorder:
+def routing_shares(model, fn):
+    """(mean share of (token, expert) pairs active, mean share of experts in the union of a call's tokens)."""
+    active, union = [], []
+
+    def record(layer, args, output):
+        active.append(layer.last_active.float().mean().item())
+        union.append(layer.last_active.any(0).float().mean().item())
+
+    hooks = [layer.register_forward_hook(record) for layer in dsmoe.dsmoe_layers(model)]
+    try:
         fn()
-    active = recorder.mean_active_experts()
-    return sum(active) / len(active) / dsmoe.dsmoe_layers(model)[0].n_experts
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(active) / len(active), sum(union) / len(union)
 
 
-def inference_rows(dense, converted, tokenizer, device, taus, gates, prefill_tokens, new_tokens, repeats, budget_s, clock):
-    ids = corpus_ids(tokenizer, prefill_tokens + 512).to(device)
-    prompt, calibration = ids[:, :prefill_tokens], ids[:, -512:]  # calibrated on other text than timed
+def weight_counts(model):
+    """Matmul weights per token: FFN, attention projections, lm_head; and d x layers for attention scores."""
+    layers = decoder_layers(model)
+    ffn = sum(p.numel() for layer in layers for p in layer.mlp.parameters() if p.dim() == 2)
+    attention = sum(p.numel() for layer in layers for p in layer.self_attn.parameters() if p.dim() == 2)
+    return {"ffn": ffn, "attention": attention, "lm_head": model.get_output_embeddings().weight.numel(),
+            "scores": model.config.hidden_size * len(layers)}
+
+
+def floor(counts, phase, share, tokens):
+    """Time/dense if only the FFN's share shrank and nothing else cost: FLOPs for prefill (attention
+    scores included, lm_head on the last token only), weights read for generation."""
+    if phase == "prefill":
+        other = counts["attention"] + counts["scores"] * tokens  # causal attention: 2·T·d per token and layer
+    else:
+        other = counts["attention"] + counts["lm_head"]
+    return (other + share * counts["ffn"]) / (other + counts["ffn"])
+
+
+def packed_dense_copy(dense):
+    """The dense model with each FFN on oneDNN-packed weights (the kernels of the packed sparse path)."""
+    model = copy.deepcopy(dense)
+    for layer in decoder_layers(model):
+        mlp = layer.mlp
+        expert = pack_expert_weights(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, 1)[0]
+        mlp.forward = lambda h, e=expert, act=mlp.act_fn: packed_expert_ffn(h.reshape(-1, h.shape[-1]), e, act).view(h.shape)
+    return model
+
+
+def inference_rows(models, converted, tokenizer, device, taus, gates, args, clock):
+    ids = corpus_ids(tokenizer, args.prefill_tokens + 512 + 16 * max(args.batch)).to(device)
+    prompt, calibration = ids[:, :args.prefill_tokens], ids[:, -512:]  # calibrated on other text than timed
     gate_states = {}
     for tau in taus:
         dsmoe.set_tau(converted, tau)
@@ -97,25 +139,30 @@ def inference_rows(dense, converted, tokenizer, device, taus, gates, prefill_tok
             return fn(converted)
         return run
 
-    short = ids[:, :16]
-    generate_args = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, attention_mask=torch.ones_like(short))
-    work = {"prefill": lambda m: m(prompt, use_cache=True, logits_to_keep=1),
-            "generate": lambda m: m.generate(short, **generate_args)}
-    rows = []
+    work = {"prefill": (lambda m: m(prompt, use_cache=True, logits_to_keep=1), args.prefill_tokens)}
+    for batch in args.batch:
+        short = ids[0, args.prefill_tokens:args.prefill_tokens + 16 * batch].view(batch, 16)  # other text per row
+        kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                      pad_token_id=tokenizer.pad_token_id, attention_mask=torch.ones_like(short))
+        work[f"generate_b{batch}"] = (lambda m, short=short, kwargs=kwargs: m.generate(short, **kwargs), args.new_tokens * batch)
+    counts, rows = weight_counts(models["dense"]), []
     with torch.inference_mode():
-        for phase, fn in work.items():
-            candidates = {"dense": lambda fn=fn: fn(dense)}
+        for phase, (fn, tokens) in work.items():
+            candidates = {name: lambda fn=fn, m=model: fn(m) for name, model in models.items()}
             candidates.update({tau: with_tau(tau, fn) for tau in taus})
-            times = time_side_by_side(candidates, device, repeats, budget_s=budget_s, clock=clock)
-            tokens = prefill_tokens if phase == "prefill" else new_tokens
+            times = time_side_by_side(candidates, device, args.repeats, budget_s=args.budget_s, clock=clock, stat=args.stat)
             for name, seconds in times.items():
-                share = 1.0 if name == "dense" else measured_fraction(converted, with_tau(name, fn))
-                rows.append({"device": device, "phase": phase, "model": "dense" if name == "dense" else "dsmoe",
-                             "tau": None if name == "dense" else name, "gates": None if name == "dense" else gates,
-                             "ffn_active_fraction": round(share, 4), "tokens": tokens, "seconds": seconds,
-                             "tokens_per_s": tokens / seconds, "time/dense": seconds / times["dense"]})
-                print(rows[-1], flush=True)
+                row = {"device": device, "dtype": str(models["dense"].dtype).removeprefix("torch."), "phase": phase,
+                       "model": name if isinstance(name, str) else "dsmoe", "tau": None if isinstance(name, str) else name,
+                       "ffn_active_fraction": 1.0, "ffn_union_fraction": 1.0, "tokens": tokens, "seconds": seconds,
+                       "tokens_per_s": tokens / seconds, "time/dense": seconds / times["dense"]}
+                if not isinstance(name, str):
+                    row["ffn_active_fraction"], row["ffn_union_fraction"] = routing_shares(converted, with_tau(name, fn))
+                    share = row["ffn_active_fraction"] if phase == "prefill" or phase == "generate_b1" else row["ffn_union_fraction"]
+                    row["floor"] = floor(counts, phase, share, args.prefill_tokens)
+                    row["time/floor"] = row["time/dense"] / row["floor"]
+                rows.append(row)
+                print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     return rows
 
 
@@ -130,21 +177,50 @@ def training_rows(dense, converted, device, batch, seq_len, repeats, budget_s, c
         steps[variant] = training_step(model, variant, optimizer, ids.to(device), device)
     times = time_side_by_side(steps, device, repeats, budget_s=budget_s, clock=clock)
     dense.eval(), converted.eval()
-    return [{"device": device, "phase": "train_step", "model": name, "tokens": batch * seq_len, "seconds": seconds,
+    return [{"device": device, "dtype": str(dense.dtype).removeprefix("torch."), "phase": "train_step", "model": name, "tokens": batch * seq_len, "seconds": seconds,
              "tokens_per_s": batch * seq_len / seconds, "time/dense": seconds / times["dense"]}
             for name, seconds in times.items()]
+
+
+def device_rows(args, device, dtype):
+    start = time.perf_counter()
+    dense, tokenizer = dsmoe.load_model(args.model, dtype=dtype)
+    converted = dsmoe.convert(dsmoe.load_model(args.model, dtype=dtype)[0], n_experts=8)
+    dense, converted = dense.to(device).eval(), converted.to(device).eval()
+    models = {"dense": dense}
+    if onednn_runs(dtype, device):
+        models["dense_packed"] = packed_dense_copy(dense)
+    print(f"[{device} {dtype}] loaded and converted in {time.perf_counter() - start:.0f}s", flush=True)
+    clock = clock_for(args.clock, device, torch.get_num_threads())
+    rows = inference_rows(models, converted, tokenizer, device, args.taus, args.gates, args, clock)
+    if args.train_batch and dtype == default_dtype(device):
+        rows += training_rows(dense, converted, device, args.train_batch, args.train_seq, min(args.repeats, 3),
+                              args.budget_s, clock)
+    return rows
+
+
+GOALS = {"prefill": ("time/dense", 0.65), "generate_b1": ("time/dense", 0.72), "generate_b8": ("time/floor", 1.15)}
+
+
+def goal_lines(rows, tau=0.5):
+    for row in rows:
+        if row.get("tau") == tau and row["phase"] in GOALS:
+            column, target = GOALS[row["phase"]]
+            yield f"[{row['device']} {row['dtype']}] " + check_target(f"{row['phase']} τ={tau}, {column}", row[column], target)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="dense SmolLM2 (a directory or a dsmoe short name)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CPU, and CUDA when present")
-    parser.add_argument("--dtype", default=None, help="torch dtype name (default float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--dtype", nargs="+", default=None,
+                        help="torch dtype names, each in turn (default float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--taus", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="thresholds τ")
     parser.add_argument("--gates", choices=["paper", "native"], default="paper",
                         help="paper: gates set to the paper's FFN share per τ; native: untrained conversion gates")
     parser.add_argument("--prefill-tokens", type=int, default=512, help="prompt length for prefill (batch 1)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated (greedy, batch 1, 16-token prompt)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence (greedy, 16-token prompts)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="generation batch sizes")
     parser.add_argument("--train-batch", type=int, default=4, help="training step: sequences (0 skips it)")
     parser.add_argument("--train-seq", type=int, default=256, help="training step: tokens per sequence")
     parser.add_argument("--repeats", type=int, default=None,
@@ -153,38 +229,33 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall-clock time, or process CPU time (with --threads 1 on a busy shared CPU)")
+    parser.add_argument("--stat", choices=["median", "min"], default="median",
+                        help="median of the timed calls (an idle machine), or the fastest (a shared, busy one)")
     parser.add_argument("--out", default=str(RESULTS / "end_to_end"), help="output path stem (.csv and .json written)")
     args = parser.parse_args()
     if args.gates == "paper" and (missing := [t for t in args.taus if t not in PAPER_FFN_FRACTION]):
         raise ValueError(f"--gates paper knows τ {sorted(PAPER_FFN_FRACTION)}, not {missing}; use --gates native")
     if args.threads:
         torch.set_num_threads(args.threads)
-    repeats = args.repeats or (5 if args.quick else 10)
-    budget_s = 30.0 if args.quick else 120.0  # per phase; at least 2 rounds run whatever it is
+    args.repeats = args.repeats or (5 if args.quick else 10)
+    args.budget_s = 30.0 if args.quick else 120.0  # per phase; at least 2 rounds run whatever it is
 
     rows = []
     for device in devices(args.device):
-        dtype = default_dtype(device, args.dtype)
-        start = time.perf_counter()
-        dense, tokenizer = dsmoe.load_model(args.model, dtype=dtype)
-        converted = dsmoe.convert(dsmoe.load_model(args.model, dtype=dtype)[0], n_experts=8)
-        dense, converted = dense.to(device).eval(), converted.to(device).eval()
-        print(f"[{device}] loaded and converted in {time.perf_counter() - start:.0f}s", flush=True)
-        clock = clock_for(args.clock, device, torch.get_num_threads())
-        rows += inference_rows(dense, converted, tokenizer, device, args.taus, args.gates, args.prefill_tokens,
-                               args.new_tokens, repeats, budget_s, clock)
-        if args.train_batch:
-            rows += training_rows(dense, converted, device, args.train_batch, args.train_seq, min(repeats, 3), budget_s, clock)
-        del dense, converted
+        for name in args.dtype or [None]:
+            rows += device_rows(args, device, default_dtype(device, name))
 
     table = pd.DataFrame(rows)
     pd.set_option("display.width", 200)
-    print(f"\nSmolLM2-135M, dense vs DSMoE (n=8), gates: {args.gates}, {args.clock} time, best of interleaved calls")
+    print(f"\nSmolLM2-135M, dense vs DSMoE (n=8), gates: {args.gates}, {args.clock} time, {args.stat} of interleaved calls")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for line in goal_lines(rows):
+        print(line)
     for row in rows:
         if row["phase"] == "train_step" and row["model"] == "dsmoe":
             print(f"[{row['device']}] " + check_target("training step time, dsmoe/dense", row["time/dense"], 1.10))
-    write_results(table, args.out, gates=args.gates, clock=args.clock, paper_ffn_fraction=PAPER_FFN_FRACTION)
+    write_results(table, args.out, gates=args.gates, clock=args.clock, stat=args.stat,
+                  paper_ffn_fraction=PAPER_FFN_FRACTION, goals=GOALS)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dsmoe.model import sparse_ffn
 from dsmoe.model.modeling_dsmoe import DSMoEMLP
 from dsmoe.model.sparse_ffn import (FEW_TOKENS, expert_down_weights, masked_expert_ffn, onednn_runs, pack_expert_weights,
                                     sparse_expert_ffn)
@@ -68,13 +69,22 @@ def sparse_with(mode, x, w_gate, w_up, w_down, coef, active, act_fn=F.silu):
         return sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t=down_t, packed=packed)
 
 
+@pytest.fixture
+def large_experts(monkeypatch):
+    """Every expert counts as large: calls given packed weights run the packed schedules."""
+    monkeypatch.setattr(sparse_ffn, "LARGE_EXPERT", 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("tokens", TOKEN_COUNTS)
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("mode", ["views", "cached", "cached_no_grad", "packed"])
-def test_sparse_matches_masked_reference(dtype, tokens, pattern, mode):
-    if mode == "packed" and not onednn_runs(dtype):
+@pytest.mark.parametrize("mode", ["views", "cached", "cached_no_grad", "packed", "packed_small"])
+def test_sparse_matches_masked_reference(dtype, tokens, pattern, mode, monkeypatch):
+    if mode.startswith("packed") and not onednn_runs(dtype):
         pytest.skip(f"oneDNN does not run {dtype} here")
+    if mode == "packed":
+        monkeypatch.setattr(sparse_ffn, "LARGE_EXPERT", 0)
+    mode = mode.removesuffix("_small")  # packed weights given, small experts: the small-expert thresholds
     x, w_gate, w_up, w_down = random_ffn(tokens, dtype=dtype, seed=tokens)
     active = activation_pattern(pattern, tokens, seed=tokens)
     coef = coefficients(active, seed=tokens + 1).to(dtype)
@@ -85,10 +95,13 @@ def test_sparse_matches_masked_reference(dtype, tokens, pattern, mode):
 
 @pytest.mark.parametrize("tokens", TOKEN_COUNTS)
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("mode", ["views", "cached_no_grad", "packed"])
-def test_bfloat16_paths_match_the_float64_reference(tokens, pattern, mode):
-    if mode == "packed" and not onednn_runs(torch.bfloat16):
+@pytest.mark.parametrize("mode", ["views", "cached_no_grad", "packed", "packed_small"])
+def test_bfloat16_paths_match_the_float64_reference(tokens, pattern, mode, monkeypatch):
+    if mode.startswith("packed") and not onednn_runs(torch.bfloat16):
         pytest.skip("oneDNN does not run bfloat16 on this CPU")
+    if mode == "packed":
+        monkeypatch.setattr(sparse_ffn, "LARGE_EXPERT", 0)
+    mode = mode.removesuffix("_small")
     x, w_gate, w_up, w_down = random_ffn(tokens, d=64, D=256, seed=tokens)
     active = activation_pattern(pattern, tokens, seed=tokens)
     coef = coefficients(active, seed=tokens + 1)
@@ -102,7 +115,7 @@ def test_bfloat16_paths_match_the_float64_reference(tokens, pattern, mode):
 @needs_onednn
 @pytest.mark.parametrize("tokens", [1, 30])
 @pytest.mark.parametrize("act_fn", [F.gelu, torch.nn.SiLU(), torch.tanh])
-def test_packed_path_with_other_activations(tokens, act_fn):
+def test_packed_path_with_other_activations(tokens, act_fn, large_experts):
     x, w_gate, w_up, w_down = random_ffn(tokens, dtype=torch.float32, seed=11)
     active = activation_pattern("half", tokens, seed=11)
     coef = coefficients(active, seed=12).float()
@@ -111,13 +124,16 @@ def test_packed_path_with_other_activations(tokens, act_fn):
 
 
 @needs_onednn
-def test_packed_path_over_many_fresh_routings():
-    """Fresh random inputs and routings (so fresh per-expert row counts) against the reference."""
+@pytest.mark.parametrize("expert_size", ["small", "large"])
+def test_packed_path_over_many_fresh_routings(expert_size, monkeypatch):
+    """Fresh random inputs and routings (so fresh per-expert row counts and schedules) against the reference."""
+    if expert_size == "large":
+        monkeypatch.setattr(sparse_ffn, "LARGE_EXPERT", 0)
     generator = torch.Generator().manual_seed(13)
     x, w_gate, w_up, w_down = random_ffn(200, dtype=torch.float32, seed=13)
     packed = pack_expert_weights(w_gate, w_up, w_down, 8)
-    for _ in range(20):
-        tokens = int(torch.randint(1, 200, (1,), generator=generator))
+    for _ in range(30):
+        tokens = int(torch.randint(1, 300, (1,), generator=generator))
         share = float(torch.rand(1, generator=generator))
         active = torch.rand(tokens, 8, generator=generator) < share
         coef = (torch.rand(tokens, 8, generator=generator) * 2).float()
@@ -255,7 +271,7 @@ def test_layer_in_bfloat16_on_cuda_matches_reference(tokens):
 
 @needs_onednn
 @pytest.mark.parametrize("tokens", [1, 40])
-def test_layer_packs_its_experts_once_and_matches_the_unpacked_layer(tokens):
+def test_layer_packs_its_experts_once_and_matches_the_unpacked_layer(tokens, large_experts):
     layer, hidden = tiny_layer(), torch.randn(2, tokens, 32)
     with torch.no_grad():
         out = layer(hidden)
@@ -268,6 +284,16 @@ def test_layer_packs_its_experts_once_and_matches_the_unpacked_layer(tokens):
     torch.testing.assert_close(out, layer_reference(layer, hidden), **TOLERANCE[torch.float32])
 
 
+def test_schedule_thresholds():
+    small, large = 192 * 576, 1024 * 2048  # SmolLM2's and LLaMA-1B's expert matrices
+    assert [sparse_ffn.schedule(t, large, torch.float32, True) for t in (1, 64, 2048)] == ["packed"] * 3
+    assert [sparse_ffn.schedule(t, small, torch.float32, True) for t in (1, 32, 33, 191, 192)] == \
+        ["union", "union", "grouped", "grouped", "packed"]
+    assert [sparse_ffn.schedule(t, small, torch.bfloat16, True) for t in (128, 129, 192)] == ["union", "grouped", "packed"]
+    assert [sparse_ffn.schedule(t, large, dtype, False) for t, dtype in ((1, torch.float32), (2, torch.float64))] == \
+        ["union", "grouped"]
+
+
 @pytest.mark.skipif(not onednn_runs(torch.bfloat16), reason="oneDNN does not run bfloat16 on this CPU")
 def test_layer_under_bf16_autocast_packs_bf16_experts():
     layer, hidden = tiny_layer(), torch.randn(2, 30, 32)
@@ -276,3 +302,16 @@ def test_layer_under_bf16_autocast_packs_bf16_experts():
         assert layer._expert_weights(hidden)[1][0][0].dtype == torch.bfloat16
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), layer_reference(layer, hidden), **TOLERANCE[torch.bfloat16])
+
+
+def test_layer_with_cached_experts_deep_copies_and_pickles():
+    import copy
+    import pickle
+
+    layer, hidden = tiny_layer(), torch.randn(1, 20, 32)
+    with torch.no_grad():
+        expected = layer(hidden)
+        assert layer._expert_cache is not None
+        for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert clone._expert_cache is None
+            torch.testing.assert_close(clone(hidden), expected)

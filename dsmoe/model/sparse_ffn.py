@@ -12,19 +12,40 @@ version by DSMoEMLP in eval mode (the checkpoint format is unchanged):
     and V_i reordered once into oneDNN's blocked layout (the FFN weights again). A plain GEMM
     re-packs its weight on every call, which costs most when an expert has few tokens; oneDNN's
     linear also fuses the activation and the product with x U_i into its epilogue.
-Schedules, one Python step per expert:
-  - one token (decode at batch 1): only its active experts' weights are read. Memory-bound:
-    k/n of the dense FFN's weight traffic. Unpacked: one GEMV trio per run of neighbouring experts.
-  - more tokens (batched decode, prefill, scoring): (token, expert) pairs are grouped by expert
-    with one gather, each expert runs one GEMM trio on its own tokens, one index_add scatters
-    back. (Even for 2-8 tokens this beats running the union of their experts on all of them:
-    CPU GEMMs with a few rows cost more per weight byte than with one.)
+Schedules, one Python step per expert (`schedule` picks one per call):
+  - union: the union of the tokens' active experts runs on all of them, one GEMM trio per run of
+    neighbouring experts (the coefficient is 0 where an expert is off). For one token (decode at
+    batch 1) that reads only its k experts' weights: k/n of the dense FFN's weight traffic.
+  - grouped: (token, expert) pairs are grouped by expert with one gather, each expert runs one
+    GEMM trio on its own tokens, one index_add scatters back.
+  - packed: grouped (or, for one token, expert by expert) on the oneDNN-packed weights.
+Which is fastest depends on the expert's size, the dtype and T: per-call overheads (10-35 µs)
+dominate small experts (SmolLM2: 192 x 576) and few tokens, re-packing large ones (LLaMA-1B:
+1024 x 2048). The thresholds below were measured on 2 Zen 4 cores (benchmarks/README.md).
 This file may import only torch (it is copied next to checkpoints for trust_remote_code).
 """
 
 import torch
 
-FEW_TOKENS = 1  # up to this many tokens: the union of their active experts runs on all of them
+FEW_TOKENS = 1  # up to this many tokens the union schedule runs, where no threshold below applies
+LARGE_EXPERT = 1 << 20  # weights in one expert matrix from which an expert counts as large
+SMALL_EXPERT_UNION_MAX_TOKENS = {torch.float32: 32, torch.bfloat16: 128}  # small experts: the union up to this T
+SMALL_EXPERT_PACKED_MIN_TOKENS = 192  # small experts: packed from this T on (large experts: always packed)
+
+
+def is_large_expert(expert_weights):
+    return expert_weights >= LARGE_EXPERT
+
+
+def schedule(tokens, expert_weights, dtype, packed):
+    """"union", "grouped" or "packed" (see above) for `tokens` tokens and experts of `expert_weights` weights."""
+    if packed and is_large_expert(expert_weights):
+        return "packed"
+    if packed and tokens <= SMALL_EXPERT_UNION_MAX_TOKENS.get(dtype, FEW_TOKENS):
+        return "union"
+    if packed and tokens >= SMALL_EXPERT_PACKED_MIN_TOKENS:
+        return "packed"
+    return "union" if tokens <= FEW_TOKENS else "grouped"
 
 
 def masked_expert_ffn(x, w_gate, w_up, w_down, coef, act_fn):
@@ -64,7 +85,8 @@ def sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t=None
 
     Experts outside `active` contribute nothing. `down_t` (from `expert_down_weights`) is
     optional: without it, expert i's V_iᵀ is a strided view of `w_down` (no copy). `packed`
-    (from `pack_expert_weights`, in the compute dtype; needs no autograd) replaces both.
+    (from `pack_expert_weights`, in the compute dtype; needs no autograd) is used where
+    `schedule` says so.
     """
     n = coef.shape[-1]
     if down_t is None:
@@ -74,11 +96,12 @@ def sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t=None
             x = x.to(torch.get_autocast_dtype(x.device.type))
             return sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t, packed)
     coef = coef.to(x.dtype)
-    if packed is not None:
-        if x.shape[0] == 1:
-            return _packed_one_token(x, packed, coef, active, act_fn)
+    plan = schedule(x.shape[0], down_t.shape[1] * down_t.shape[2], x.dtype, packed is not None)
+    if plan == "packed" and x.shape[0] == 1:
+        return _packed_one_token(x, packed, coef, active, act_fn)
+    if plan == "packed":
         return _packed_grouped_by_expert(x, packed, coef, active, act_fn)
-    if x.shape[0] <= FEW_TOKENS:
+    if plan == "union":
         return _union_of_experts(x, w_gate, w_up, down_t, coef * active, active.any(0), act_fn)
     return _grouped_by_expert(x, w_gate, w_up, down_t, coef, active, act_fn)
 
@@ -150,12 +173,16 @@ def _packed_swiglu(x, gate, up, act_fn):
     return _linear.binary(x, h, up, None, "mul")
 
 
+def packed_expert_ffn(x, expert, act_fn):
+    """o_i = (act(x W_i) ⊙ x U_i) V_i for one packed expert `(W_i, U_i, V_i)` (n = 1: the dense FFN)."""
+    return _linear(_packed_swiglu(x, expert[0], expert[1], act_fn), expert[2], None, "none", [], "")
+
+
 def _packed_one_token(x, packed, coef, active, act_fn):
     out = None
-    for i, (on, weight) in enumerate(zip(active[0].tolist(), coef[0].tolist())):
+    for expert, on, weight in zip(packed, active[0].tolist(), coef[0].tolist()):
         if on:
-            gate, up, down = packed[i]
-            y = _linear(_packed_swiglu(x, gate, up, act_fn), down, None, "none", [], "")
+            y = packed_expert_ffn(x, expert, act_fn)
             out = y.mul_(weight) if out is None else out.add_(y, alpha=weight)
     return x.new_zeros(x.shape) if out is None else out
 
