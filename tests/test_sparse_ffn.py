@@ -315,3 +315,19 @@ def test_layer_with_cached_experts_deep_copies_and_pickles():
         for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
             assert clone._expert_cache is None
             torch.testing.assert_close(clone(hidden), expected)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no _grouped_mm")
+@pytest.mark.parametrize("tokens", [2, 5, 50])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_grouped_mm_schedule_matches_the_float64_reference(tokens, pattern, monkeypatch):
+    """The CUDA schedule's code through torch's CPU fallback of _grouped_mm (bf16, as on Hopper)."""
+    monkeypatch.setattr(sparse_ffn, "GROUPED_MM_DEVICES", {"cpu"})
+    x, w_gate, w_up, w_down = random_ffn(tokens, d=64, D=256, seed=tokens + 20)
+    active = activation_pattern(pattern, tokens, seed=tokens)
+    low = [t.bfloat16() for t in (x, w_gate, w_up, w_down, coefficients(active, seed=tokens + 2))]
+    assert sparse_ffn.schedule(tokens, 32 * 64, torch.bfloat16, False, sparse_ffn.grouped_mm_runs(low[0])) == "grouped_mm"
+    with torch.no_grad():
+        out = sparse_expert_ffn(*low[:4], low[4], active, F.silu, down_t=expert_down_weights(low[3], 8))
+    expected = masked_expert_ffn(*(t.double() for t in low), F.silu)
+    torch.testing.assert_close(out.double(), expected, **TOLERANCE[torch.bfloat16])

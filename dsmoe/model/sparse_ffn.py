@@ -19,6 +19,8 @@ Schedules, one Python step per expert (`schedule` picks one per call):
   - grouped: (token, expert) pairs are grouped by expert with one gather, each expert runs one
     GEMM trio on its own tokens, one index_add scatters back.
   - packed: grouped (or, for one token, expert by expert) on the oneDNN-packed weights.
+  - grouped_mm (CUDA, bf16, where torch has `_grouped_mm`): grouped, each projection one grouped
+    GEMM over all experts, no Python loop. Not yet run on a GPU; tested on CPU via torch's fallback.
 Which is fastest depends on the expert's size, the dtype and T: per-call overheads (10-35 µs)
 dominate small experts (SmolLM2: 192 x 576) and few tokens, re-packing large ones (LLaMA-1B:
 1024 x 2048). The thresholds below were measured on 2 Zen 4 cores (benchmarks/README.md).
@@ -37,8 +39,10 @@ def is_large_expert(expert_weights):
     return expert_weights >= LARGE_EXPERT
 
 
-def schedule(tokens, expert_weights, dtype, packed):
-    """"union", "grouped" or "packed" (see above) for `tokens` tokens and experts of `expert_weights` weights."""
+def schedule(tokens, expert_weights, dtype, packed, grouped_mm=False):
+    """The schedule (see above) for `tokens` tokens and experts of `expert_weights` weights each."""
+    if grouped_mm and tokens > FEW_TOKENS:
+        return "grouped_mm"
     if packed and is_large_expert(expert_weights):
         return "packed"
     if packed and tokens <= SMALL_EXPERT_UNION_MAX_TOKENS.get(dtype, FEW_TOKENS):
@@ -96,7 +100,9 @@ def sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t=None
             x = x.to(torch.get_autocast_dtype(x.device.type))
             return sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t, packed)
     coef = coef.to(x.dtype)
-    plan = schedule(x.shape[0], down_t.shape[1] * down_t.shape[2], x.dtype, packed is not None)
+    plan = schedule(x.shape[0], down_t.shape[1] * down_t.shape[2], x.dtype, packed is not None, grouped_mm_runs(x))
+    if plan == "grouped_mm":
+        return _grouped_mm_by_expert(x, w_gate, w_up, down_t.to(x.dtype), coef, active, act_fn)
     if plan == "packed" and x.shape[0] == 1:
         return _packed_one_token(x, packed, coef, active, act_fn)
     if plan == "packed":
@@ -197,3 +203,25 @@ def _packed_grouped_by_expert(x, packed, coef, active, act_fn):
             out.index_add_(0, token_idx[pairs], _linear(h, down, None, "none", [], ""))
             start += count
     return out
+
+
+GROUPED_MM_DEVICES = {"cuda"}  # where `torch._grouped_mm` (one kernel for every expert's GEMM) replaces the loop
+
+
+def grouped_mm_runs(x):
+    """Whether the grouped_mm schedule runs `x` (bf16 on CUDA, where the installed torch has `_grouped_mm`)."""
+    return x.device.type in GROUPED_MM_DEVICES and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
+
+def _grouped_mm_by_expert(x, w_gate, w_up, down_t, coef, active, act_fn):
+    # The grouped schedule with each projection one torch._grouped_mm over all experts: no loop over them.
+    n, size, d = down_t.shape
+    expert_major = active.t()
+    token_idx = expert_major.nonzero()[:, 1]
+    weights = coef.t()[expert_major].unsqueeze(-1)
+    offsets = expert_major.sum(1).cumsum(0).to(torch.int32)
+    xs = x.index_select(0, token_idx)
+    gate = torch._grouped_mm(xs, w_gate.to(x.dtype).view(n, size, d).transpose(1, 2), offs=offsets)
+    up = torch._grouped_mm(xs, w_up.to(x.dtype).view(n, size, d).transpose(1, 2), offs=offsets)
+    h = act_fn(gate) * up * weights
+    return x.new_zeros(x.shape).index_add_(0, token_idx, torch._grouped_mm(h, down_t, offs=offsets))
