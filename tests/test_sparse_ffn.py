@@ -287,11 +287,13 @@ def test_layer_packs_its_experts_once_and_matches_the_unpacked_layer(tokens, lar
 def test_schedule_thresholds():
     small, large = 192 * 576, 1024 * 2048  # SmolLM2's and LLaMA-1B's expert matrices
     assert [sparse_ffn.schedule(t, large, torch.float32, True) for t in (1, 64, 2048)] == ["packed"] * 3
-    assert [sparse_ffn.schedule(t, small, torch.float32, True) for t in (1, 32, 33, 191, 192)] == \
-        ["union", "union", "grouped", "grouped", "packed"]
-    assert [sparse_ffn.schedule(t, small, torch.bfloat16, True) for t in (128, 129, 192)] == ["union", "grouped", "packed"]
+    assert [sparse_ffn.schedule(t, small, torch.float32, True) for t in (1, 2, 16, 17)] == \
+        ["union", "masked", "masked", "packed"]
+    assert [sparse_ffn.schedule(t, small, torch.bfloat16, True) for t in (1, 2, 128, 129)] == \
+        ["packed", "masked", "masked", "packed"]
     assert [sparse_ffn.schedule(t, large, dtype, False) for t, dtype in ((1, torch.float32), (2, torch.float64))] == \
         ["union", "grouped"]
+    assert sparse_ffn.schedule(2, small, torch.bfloat16, False, grouped_mm=True) == "grouped_mm"
 
 
 @pytest.mark.skipif(not onednn_runs(torch.bfloat16), reason="oneDNN does not run bfloat16 on this CPU")

@@ -21,9 +21,11 @@ Schedules, one Python step per expert (`schedule` picks one per call):
   - packed: grouped (or, for one token, expert by expert) on the oneDNN-packed weights.
   - grouped_mm (CUDA, bf16, where torch has `_grouped_mm`): grouped, each projection one grouped
     GEMM over all experts, no Python loop. Not yet run on a GPU; tested on CPU via torch's fallback.
+  - masked: every expert on every token with the dense GEMMs, the inactive ones weighted 0.
 Which is fastest depends on the expert's size, the dtype and T: per-call overheads (10-35 µs)
-dominate small experts (SmolLM2: 192 x 576) and few tokens, re-packing large ones (LLaMA-1B:
-1024 x 2048). The thresholds below were measured on 2 Zen 4 cores (benchmarks/README.md).
+dominate small experts (SmolLM2: 192 x 576) at a few tokens, re-packing weights large ones
+(LLaMA-1B: 1024 x 2048). The thresholds below were measured on 2 Zen 4 cores, each layer's weights
+read from memory as in a real forward pass (benchmarks/README.md).
 This file may import only torch (it is copied next to checkpoints for trust_remote_code).
 """
 
@@ -31,8 +33,8 @@ import torch
 
 FEW_TOKENS = 1  # up to this many tokens the union schedule runs, where no threshold below applies
 LARGE_EXPERT = 1 << 20  # weights in one expert matrix from which an expert counts as large
-SMALL_EXPERT_UNION_MAX_TOKENS = {torch.float32: 32, torch.bfloat16: 128}  # small experts: the union up to this T
-SMALL_EXPERT_PACKED_MIN_TOKENS = 192  # small experts: packed from this T on (large experts: always packed)
+# Small experts with packed weights at hand, by dtype: (union up to this T, masked from 2 up to this T), else packed.
+SMALL_EXPERT_THRESHOLDS = {torch.float32: (1, 16), torch.bfloat16: (0, 128)}
 
 
 def is_large_expert(expert_weights):
@@ -43,11 +45,10 @@ def schedule(tokens, expert_weights, dtype, packed, grouped_mm=False):
     """The schedule (see above) for `tokens` tokens and experts of `expert_weights` weights each."""
     if grouped_mm and tokens > FEW_TOKENS:
         return "grouped_mm"
-    if packed and is_large_expert(expert_weights):
-        return "packed"
-    if packed and tokens <= SMALL_EXPERT_UNION_MAX_TOKENS.get(dtype, FEW_TOKENS):
-        return "union"
-    if packed and tokens >= SMALL_EXPERT_PACKED_MIN_TOKENS:
+    if packed and not is_large_expert(expert_weights) and dtype in SMALL_EXPERT_THRESHOLDS:
+        union_max, masked_max = SMALL_EXPERT_THRESHOLDS[dtype]
+        return "union" if tokens <= union_max else "masked" if 2 <= tokens <= masked_max else "packed"
+    if packed:
         return "packed"
     return "union" if tokens <= FEW_TOKENS else "grouped"
 
@@ -107,6 +108,8 @@ def sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t=None
         return _packed_one_token(x, packed, coef, active, act_fn)
     if plan == "packed":
         return _packed_grouped_by_expert(x, packed, coef, active, act_fn)
+    if plan == "masked":
+        return _masked(x, w_gate, w_up, w_down, coef * active, act_fn)
     if plan == "union":
         return _union_of_experts(x, w_gate, w_up, down_t, coef * active, active.any(0), act_fn)
     return _grouped_by_expert(x, w_gate, w_up, down_t, coef, active, act_fn)
@@ -158,6 +161,14 @@ def _grouped_by_expert(x, w_gate, w_up, down_t, coef, active, act_fn):
     if start == 0:
         return x.new_zeros(x.shape)
     return x.new_zeros(x.shape).index_add_(0, token_idx, ys if in_place else torch.cat(ys))
+
+
+def _masked(x, w_gate, w_up, w_down, coef, act_fn):
+    # Every expert on every token with full-width GEMMs, expert i's intermediate slice scaled by coef[:, i].
+    weights = [w.to(x.dtype) for w in (w_gate, w_up, w_down)]
+    h = act_fn(torch.nn.functional.linear(x, weights[0])) * torch.nn.functional.linear(x, weights[1])
+    h = h.view(x.shape[0], coef.shape[1], -1).mul_(coef.unsqueeze(-1))
+    return torch.nn.functional.linear(h.view(x.shape[0], -1), weights[2])
 
 
 def _pairs_by_expert(coef, active):
