@@ -113,9 +113,12 @@ def test_bfloat16_paths_match_the_float64_reference(tokens, pattern, mode, monke
 
 
 @needs_onednn
-@pytest.mark.parametrize("tokens", [1, 30])
+@pytest.mark.parametrize("tokens", [1, 30, 200])
 @pytest.mark.parametrize("act_fn", [F.gelu, torch.nn.SiLU(), torch.tanh])
-def test_packed_path_with_other_activations(tokens, act_fn, large_experts):
+@pytest.mark.parametrize("expert_size", ["small", "large"])  # stacked [W_i; U_i], or fused epilogues
+def test_packed_path_with_other_activations(tokens, act_fn, expert_size, monkeypatch):
+    if expert_size == "large":
+        monkeypatch.setattr(sparse_ffn, "LARGE_EXPERT", 0)
     x, w_gate, w_up, w_down = random_ffn(tokens, dtype=torch.float32, seed=11)
     active = activation_pattern("half", tokens, seed=11)
     coef = coefficients(active, seed=12).float()
@@ -287,8 +290,8 @@ def test_layer_packs_its_experts_once_and_matches_the_unpacked_layer(tokens, lar
 def test_schedule_thresholds():
     small, large = 192 * 576, 1024 * 2048  # SmolLM2's and LLaMA-1B's expert matrices
     assert [sparse_ffn.schedule(t, large, torch.float32, True) for t in (1, 64, 2048)] == ["packed"] * 3
-    assert [sparse_ffn.schedule(t, small, torch.float32, True) for t in (1, 2, 16, 17)] == \
-        ["union", "masked", "masked", "packed"]
+    assert [sparse_ffn.schedule(t, large, torch.bfloat16, True) for t in (1, 2, 64)] == ["packed"] * 3
+    assert [sparse_ffn.schedule(t, small, torch.float32, True) for t in (1, 8, 512)] == ["packed"] * 3
     assert [sparse_ffn.schedule(t, small, torch.bfloat16, True) for t in (1, 2, 128, 129)] == \
         ["packed", "masked", "masked", "packed"]
     assert [sparse_ffn.schedule(t, large, dtype, False) for t, dtype in ((1, torch.float32), (2, torch.float64))] == \

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 from .configuration_dsmoe import TOPK_VARIANTS, DSMoEConfig, check_tau
-from .sparse_ffn import expert_down_weights, is_large_expert, onednn_runs, pack_expert_weights, sparse_expert_ffn
+from .sparse_ffn import expert_down_weights, onednn_runs, pack_expert_weights, sparse_expert_ffn
 
 
 def route(logits, variant, tau, top_k, training, rescale=True):
@@ -231,8 +231,8 @@ class DSMoEMLP(nn.Module):
 
         Built on first use and rebuilt when a weight is replaced, moved or changed in place (its
         version counter) or the compute dtype changes. Packed (oneDNN) weights where they run the
-        compute dtype and nothing needs gradients; V_iᵀ per expert where they don't, or where the
-        experts are small (some schedules then run unpacked), unless down_proj needs gradients. Inference tensors have no version counter: strided views are used for them.
+        compute dtype and nothing needs gradients; else V_iᵀ per expert unless down_proj needs
+        gradients. Inference tensors have no version counter: strided views are used for them.
         Writes through `.data` bypass the version counter: call `.eval()` after them."""
         weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         if any(w.is_inference() for w in weights):
@@ -246,9 +246,8 @@ class DSMoEMLP(nn.Module):
         cached = self._expert_cache
         if cached is None or cached[1] != state or any(a is not b for a, b in zip(cached[0], weights)):
             with torch.inference_mode(False), torch.no_grad():
-                packed = pack_expert_weights(*weights, self.n_experts, dtype) if pack else None
-                small = not is_large_expert(self.expert_size * self.hidden_size)  # plain schedules run too
-                built = (expert_down_weights(weights[2], self.n_experts) if small or not pack else None, packed)
+                built = (None, pack_expert_weights(*weights, self.n_experts, dtype)) if pack else \
+                    (expert_down_weights(weights[2], self.n_experts), None)
             self._expert_cache = cached = (weights, state, built)
         return cached[2]
 

@@ -10,8 +10,7 @@ version by DSMoEMLP in eval mode (the checkpoint format is unchanged):
   - `expert_down_weights`: V_iᵀ contiguous per expert (a third of the FFN weights again);
   - `pack_expert_weights` (CPU, fp32 and bf16 where oneDNN runs them): each expert's W_i, U_i
     and V_i reordered once into oneDNN's blocked layout (the FFN weights again). A plain GEMM
-    re-packs its weight on every call, which costs most when an expert has few tokens; oneDNN's
-    linear also fuses the activation and the product with x U_i into its epilogue.
+    re-packs its weight on every call, which costs most when an expert has few tokens.
 Schedules, one Python step per expert (`schedule` picks one per call):
   - union: the union of the tokens' active experts runs on all of them, one GEMM trio per run of
     neighbouring experts (the coefficient is 0 where an expert is off). For one token (decode at
@@ -33,8 +32,8 @@ import torch
 
 FEW_TOKENS = 1  # up to this many tokens the union schedule runs, where no threshold below applies
 LARGE_EXPERT = 1 << 20  # weights in one expert matrix from which an expert counts as large
-# Small experts with packed weights at hand, by dtype: (union up to this T, masked from 2 up to this T), else packed.
-SMALL_EXPERT_THRESHOLDS = {torch.float32: (1, 16), torch.bfloat16: (0, 128)}
+# Small experts with packed weights at hand: the masked schedule for 2 up to this many tokens, by dtype.
+SMALL_EXPERT_MASKED_MAX_TOKENS = {torch.bfloat16: 128}
 
 
 def is_large_expert(expert_weights):
@@ -45,9 +44,8 @@ def schedule(tokens, expert_weights, dtype, packed, grouped_mm=False):
     """The schedule (see above) for `tokens` tokens and experts of `expert_weights` weights each."""
     if grouped_mm and tokens > FEW_TOKENS:
         return "grouped_mm"
-    if packed and not is_large_expert(expert_weights) and dtype in SMALL_EXPERT_THRESHOLDS:
-        union_max, masked_max = SMALL_EXPERT_THRESHOLDS[dtype]
-        return "union" if tokens <= union_max else "masked" if 2 <= tokens <= masked_max else "packed"
+    if packed and not is_large_expert(expert_weights) and 2 <= tokens <= SMALL_EXPERT_MASKED_MAX_TOKENS.get(dtype, 0):
+        return "masked"
     if packed:
         return "packed"
     return "union" if tokens <= FEW_TOKENS else "grouped"
@@ -76,13 +74,20 @@ def onednn_runs(dtype, device="cpu"):
 
 
 def pack_expert_weights(w_gate, w_up, w_down, n_experts, dtype=None):
-    """Per expert, (W_i, U_i, V_i) as oneDNN-packed linear weights in `dtype` (default: theirs)."""
+    """Per expert, oneDNN-packed linear weights in `dtype` (default: theirs): (W_i, U_i, V_i) for
+    large experts, whose GEMMs then fuse the activation and the product with x U_i; ([W_i; U_i], V_i)
+    for small ones, one GEMM fewer per expert (a single token's small experts pay most per call)."""
     dtype = dtype or w_gate.dtype
     size = w_gate.shape[0] // n_experts
+    stack = not is_large_expert(size * w_gate.shape[1])
     reorder = torch.ops.mkldnn._reorder_linear_weight
+
+    def expert(rows):
+        blocks = [torch.cat([w_gate[rows], w_up[rows]])] if stack else [w_gate[rows], w_up[rows]]
+        return tuple(reorder(w.to(dtype).contiguous(), None) for w in (*blocks, w_down[:, rows]))
+
     with torch.no_grad():
-        return [tuple(reorder(w.to(dtype).contiguous(), None) for w in (w_gate[rows], w_up[rows], w_down[:, rows]))
-                for rows in (slice(i * size, (i + 1) * size) for i in range(n_experts))]
+        return [expert(slice(i * size, (i + 1) * size)) for i in range(n_experts)]
 
 
 def sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t=None, packed=None):
@@ -181,18 +186,22 @@ def _pairs_by_expert(coef, active):
 _linear = torch.ops.mkldnn._linear_pointwise if hasattr(torch.ops, "mkldnn") else None
 
 
-def _packed_swiglu(x, gate, up, act_fn):
-    """act(x W_i) ⊙ x U_i with packed W_i, U_i: SiLU and the product fused into the GEMMs."""
+def _packed_swiglu(x, expert, act_fn):
+    """act(x W_i) ⊙ x U_i for a packed expert (see `pack_expert_weights`)."""
+    if len(expert) == 2:  # [W_i; U_i] stacked
+        h = _linear(x, expert[0], None, "none", [], "")
+        size = h.shape[-1] // 2
+        return act_fn(h[:, :size]).mul_(h[:, size:])
     if isinstance(act_fn, torch.nn.SiLU) or type(act_fn).__name__ == "SiLUActivation" or act_fn is torch.nn.functional.silu:
-        h = _linear(x, gate, None, "swish", [], "")
+        h = _linear(x, expert[0], None, "swish", [], "")
     else:
-        h = act_fn(_linear(x, gate, None, "none", [], ""))
-    return _linear.binary(x, h, up, None, "mul")
+        h = act_fn(_linear(x, expert[0], None, "none", [], ""))
+    return _linear.binary(x, h, expert[1], None, "mul")
 
 
 def packed_expert_ffn(x, expert, act_fn):
-    """o_i = (act(x W_i) ⊙ x U_i) V_i for one packed expert `(W_i, U_i, V_i)` (n = 1: the dense FFN)."""
-    return _linear(_packed_swiglu(x, expert[0], expert[1], act_fn), expert[2], None, "none", [], "")
+    """o_i = (act(x W_i) ⊙ x U_i) V_i for one packed expert (n = 1: the dense FFN)."""
+    return _linear(_packed_swiglu(x, expert, act_fn), expert[-1], None, "none", [], "")
 
 
 def _packed_one_token(x, packed, coef, active, act_fn):
@@ -207,11 +216,11 @@ def _packed_one_token(x, packed, coef, active, act_fn):
 def _packed_grouped_by_expert(x, packed, coef, active, act_fn):
     token_idx, weights, counts = _pairs_by_expert(coef, active)
     xs, out, start = x.index_select(0, token_idx), x.new_zeros(x.shape), 0
-    for (gate, up, down), count in zip(packed, counts):
+    for expert, count in zip(packed, counts):
         if count:
             pairs = slice(start, start + count)
-            h = _packed_swiglu(xs[pairs], gate, up, act_fn).mul_(weights[pairs])
-            out.index_add_(0, token_idx[pairs], _linear(h, down, None, "none", [], ""))
+            h = _packed_swiglu(xs[pairs], expert, act_fn).mul_(weights[pairs])
+            out.index_add_(0, token_idx[pairs], _linear(h, expert[-1], None, "none", [], ""))
             start += count
     return out
 
