@@ -33,7 +33,7 @@ import torch
 FEW_TOKENS = 1  # up to this many tokens the union schedule runs, where no threshold below applies
 LARGE_EXPERT = 1 << 20  # weights in one expert matrix from which an expert counts as large
 # Small experts with packed weights at hand: the masked schedule for 2 up to this many tokens, by dtype.
-SMALL_EXPERT_MASKED_MAX_TOKENS = {torch.bfloat16: 128}
+SMALL_EXPERT_MASKED_MAX_TOKENS = {torch.bfloat16: 96}  # benchmarks/schedules.py: crossover at 64-128
 
 
 def is_large_expert(expert_weights):
