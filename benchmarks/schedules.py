@@ -43,7 +43,7 @@ def run_schedule(name, x, layer, coef, active):
     if name == "grouped":
         return sparse_ffn._grouped_by_expert(x, w_gate, w_up, down_t, coef, active, F.silu)
     if name == "masked":
-        return sparse_ffn._masked(x, w_gate, w_up, w_down, coef * active, F.silu)
+        return sparse_ffn.masked_expert_ffn(x, w_gate, w_up, w_down, coef * active, F.silu)
     if name == "packed" and x.shape[0] == 1:
         return sparse_ffn._packed_one_token(x, packed, coef, active, F.silu)
     return sparse_ffn._packed_grouped_by_expert(x, packed, coef, active, F.silu)

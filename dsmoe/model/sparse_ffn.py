@@ -113,8 +113,8 @@ def sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t=None
         return _packed_one_token(x, packed, coef, active, act_fn)
     if plan == "packed":
         return _packed_grouped_by_expert(x, packed, coef, active, act_fn)
-    if plan == "masked":
-        return _masked(x, w_gate, w_up, w_down, coef * active, act_fn)
+    if plan == "masked":  # the reference itself, in the compute dtype
+        return masked_expert_ffn(x, *(w.to(x.dtype) for w in (w_gate, w_up, w_down)), coef * active, act_fn)
     if plan == "union":
         return _union_of_experts(x, w_gate, w_up, down_t, coef * active, active.any(0), act_fn)
     return _grouped_by_expert(x, w_gate, w_up, down_t, coef, active, act_fn)
@@ -147,6 +147,7 @@ def _grouped_by_expert(x, w_gate, w_up, down_t, coef, active, act_fn):
     # Row-major nonzero of the n x T mask lists pairs sorted by expert, tokens ascending.
     size = down_t.shape[1]
     token_idx, weights, counts = _pairs_by_expert(coef, active)
+    counts = counts.tolist()
     xs = x.index_select(0, token_idx)
     in_place = not torch.is_grad_enabled()  # no autograd: reuse buffers, write into one output
     ys, start = torch.empty_like(xs) if in_place else [], 0
@@ -168,19 +169,11 @@ def _grouped_by_expert(x, w_gate, w_up, down_t, coef, active, act_fn):
     return x.new_zeros(x.shape).index_add_(0, token_idx, ys if in_place else torch.cat(ys))
 
 
-def _masked(x, w_gate, w_up, w_down, coef, act_fn):
-    # Every expert on every token with full-width GEMMs, expert i's intermediate slice scaled by coef[:, i].
-    weights = [w.to(x.dtype) for w in (w_gate, w_up, w_down)]
-    h = act_fn(torch.nn.functional.linear(x, weights[0])) * torch.nn.functional.linear(x, weights[1])
-    h = h.view(x.shape[0], coef.shape[1], -1).mul_(coef.unsqueeze(-1))
-    return torch.nn.functional.linear(h.view(x.shape[0], -1), weights[2])
-
-
 def _pairs_by_expert(coef, active):
-    """Active (token, expert) pairs sorted by expert: token indices, coefficients (P x 1), counts per expert."""
+    """Active (token, expert) pairs sorted by expert: token indices, coefficients (P x 1), counts per expert (a tensor)."""
     expert_major = active.t()  # row-major nonzero of the n x T mask: by expert, tokens ascending
     token_idx = expert_major.nonzero()[:, 1]
-    return token_idx, coef.t()[expert_major].unsqueeze(-1), expert_major.sum(1).tolist()
+    return token_idx, coef.t()[expert_major].unsqueeze(-1), expert_major.sum(1)
 
 
 _linear = torch.ops.mkldnn._linear_pointwise if hasattr(torch.ops, "mkldnn") else None
@@ -216,7 +209,7 @@ def _packed_one_token(x, packed, coef, active, act_fn):
 def _packed_grouped_by_expert(x, packed, coef, active, act_fn):
     token_idx, weights, counts = _pairs_by_expert(coef, active)
     xs, out, start = x.index_select(0, token_idx), x.new_zeros(x.shape), 0
-    for expert, count in zip(packed, counts):
+    for expert, count in zip(packed, counts.tolist()):
         if count:
             pairs = slice(start, start + count)
             h = _packed_swiglu(xs[pairs], expert, act_fn).mul_(weights[pairs])
@@ -236,10 +229,8 @@ def grouped_mm_runs(x):
 def _grouped_mm_by_expert(x, w_gate, w_up, down_t, coef, active, act_fn):
     # The grouped schedule with each projection one torch._grouped_mm over all experts: no loop over them.
     n, size, d = down_t.shape
-    expert_major = active.t()
-    token_idx = expert_major.nonzero()[:, 1]
-    weights = coef.t()[expert_major].unsqueeze(-1)
-    offsets = expert_major.sum(1).cumsum(0).to(torch.int32)
+    token_idx, weights, counts = _pairs_by_expert(coef, active)
+    offsets = counts.cumsum(0).to(torch.int32)  # kept on the device: no host sync for the counts
     xs = x.index_select(0, token_idx)
     gate = torch._grouped_mm(xs, w_gate.to(x.dtype).view(n, size, d).transpose(1, 2), offs=offsets)
     up = torch._grouped_mm(xs, w_up.to(x.dtype).view(n, size, d).transpose(1, 2), offs=offsets)
