@@ -122,6 +122,18 @@ def test_distributed_two_processes_match_one(runs):
     assert curve[-1]["lm_loss"] < curve[0]["lm_loss"] - 0.3  # it learns
 
 
+def test_distributed_run_leaves_only_complete_checkpoints(runs):
+    """A finished run leaves no half-written `.tmp-step_N`, in 1 process or 2, and every checkpoint holds
+    each rank's RNG state (the rename once raced rank 1's write of its own state)."""
+    one, two, _ = runs
+    for run, ranks in ((one, 1), (two, 2)):
+        entries = sorted(p.name for p in (run / "checkpoints").iterdir())
+        assert all(name.startswith("step_") for name in entries), entries
+        for name in entries:
+            states = sorted(p.name for p in (run / "checkpoints" / name).glob("random_states_*.pkl"))
+            assert states == [f"random_states_{r}.pkl" for r in range(ranks)], (name, states)
+
+
 def copy_run_at(run_dir, step, to):
     """A run directory as a run killed after checkpoint `step` would leave it."""
     shutil.copytree(run_dir, to)

@@ -155,6 +155,10 @@ def save_checkpoint(accelerator, run_dir, step, trainer_state, keep):
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    # save_state ends with no barrier: each process writes its own RNG state file (and re-creates the
+    # folder first). Renaming before every process is done left `.tmp-step_N` behind, holding rank N's
+    # RNG state that the finished checkpoint then lacked.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
