@@ -28,6 +28,8 @@ read from memory as in a real forward pass (benchmarks/README.md).
 This file may import only torch (it is copied next to checkpoints for trust_remote_code).
 """
 
+import os
+
 import torch
 
 FEW_TOKENS = 1  # up to this many tokens the union schedule runs, where no threshold below applies
@@ -70,7 +72,13 @@ def onednn_runs(dtype, device="cpu"):
         return False
     if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and onednn_bf16())
+
+
+def onednn_bf16():
+    """Whether oneDNN runs bf16 linears on this CPU (AVX-512 at least). DSMOE_CPU_KIND=avx2 acts as a CPU
+    without (dsmoe/cpu.py holds the kinds; this file imports only torch)."""
+    return os.environ.get("DSMOE_CPU_KIND", "").strip() != "avx2" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def pack_expert_weights(w_gate, w_up, w_down, n_experts, dtype=None):

@@ -23,9 +23,11 @@ from tqdm.auto import tqdm
 
 from .. import data as data_module
 from ..atomic import check_out
+from ..cpu import bf16_is_fast
 from ..model import dsmoe_layers
 from .checkpoint import clear_checkpoints, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
 from .divergence import DivergenceGuard
+from .fsdp import check_layout, enable_fsdp_on_cpu, init_model, shard_like
 from .lambda_control import lambda_controller
 from .log import TrainLog
 from .milestones import clear_stale_milestones, milestone_steps, save_milestone, warn_missed
@@ -36,17 +38,12 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_mixed_precision(name):
-    """`auto`: bf16 where it is fast (a CUDA GPU with bf16, a CPU with AMX tiles), else fp32 ("no").
-
-    Without AMX a CPU computes bf16 matmuls several times slower than fp32 (7x measured on an AVX2 EPYC).
-    CPUs with AVX-512 BF16 but no AMX (Zen 4: bf16 autocast matmuls 2.5x fp32) stay fp32 under auto, the
-    precision the test suite's tolerances assume; `bf16` turns autocast on there (config/cpu-study.yaml)."""
+    """`auto`: bf16 where it is fast (a CUDA GPU with bf16, a CPU with AMX tiles: dsmoe.cpu), else fp32 ("no")."""
     if name != "auto":
         return name
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return "bf16" if amx() else "no"
+    return "bf16" if bf16_is_fast() else "no"
 
 
 def batch_plan(train_config, seq_len, num_processes):
@@ -77,12 +74,14 @@ def check_tokenizer(manifest, tokenizer, data_dir, init):
         raise ValueError(f"{data_dir} was tokenised with another tokenizer ({manifest['tokenizer']}) than {init}'s")
 
 
-def make_optimizer(model, train_config, total_steps):
-    """AdamW and its learning-rate schedule over the whole run."""
+def make_optimizer(model, train_config, total_steps, fused=False):
+    """AdamW and its learning-rate schedule over the whole run; `fused` (on CUDA): one kernel for all
+    parameters, the same update as the default for-each implementation."""
     from transformers import get_scheduler
 
     tc = train_config
-    optimizer = torch.optim.AdamW(param_groups(model, tc["weight_decay"], tc["gate_lr"]), lr=tc["lr"], betas=tc["betas"])
+    optimizer = torch.optim.AdamW(param_groups(model, tc["weight_decay"], tc["gate_lr"]), lr=tc["lr"], betas=tc["betas"],
+                                  fused=fused or None)
     scheduler = get_scheduler(tc["schedule"], optimizer, num_warmup_steps=tc["warmup_steps"], num_training_steps=total_steps)
     return optimizer, scheduler
 
@@ -143,14 +142,14 @@ def new_accelerator(mixed_precision, **kwargs):
     if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, **kwargs)
+    return enable_fsdp_on_cpu(Accelerator(mixed_precision=mixed_precision, **kwargs))
 
 
 def setup(config, init, data_dir, out, variant, overwrite, resume, milestones=False):
     """Everything before the first step: accelerator, checked data and model, resume decision, optimizer."""
     from accelerate.utils import set_seed
 
-    from ..hub import load_model, resolve_dtype
+    from ..hub import resolve_dtype
 
     tc = config["train"]
     check_out(out / "model", "model", overwrite)
@@ -164,20 +163,21 @@ def setup(config, init, data_dir, out, variant, overwrite, resume, milestones=Fa
     manifest = read_manifest(data_dir, config["data"]["seq_len"])
     total_steps, accumulation = batch_plan(tc, manifest["seq_len"], accelerator.num_processes)
     set_seed(tc["seed"])
-    model, tokenizer = load_model(str(init), dtype=torch.float32)
+    model, tokenizer = init_model(init, accelerator, dtype=torch.float32)  # FSDP: on meta beside the main process
     check_tokenizer(manifest, tokenizer, data_dir, init)
     variant = apply_variant(model, variant)
     fingerprint = run_fingerprint(config, variant, manifest, model)
     start = resume_point(out, fingerprint, resume, overwrite)
     clear_checkpoints(accelerator, out, start.discard)
 
-    masks = pruning_masks(model, init)
     model.train()
-    optimizer, scheduler = make_optimizer(model, tc, total_steps)
+    optimizer, scheduler = make_optimizer(model, tc, total_steps, fused=accelerator.device.type == "cuda")
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, not per process
+    # taken from the prepared parameters: under FSDP each mask is sharded like its parameter (a DTensor)
     named = dict(accelerator.unwrap_model(model).named_parameters())
-    masked_params = [(named[name], mask.to(named[name].device)) for name, mask in masks.items()]
+    masked_params = [(named[name], shard_like(mask, named[name]))
+                     for name, mask in pruning_masks(accelerator.unwrap_model(model), init).items()]
     state = {"step": 0, "fingerprint": fingerprint, "variant": variant, "sparsity_lambda": tc["sparsity_lambda"]}
     checkpoint = None
     if start.checkpoints:
