@@ -14,6 +14,8 @@ the resume decision in checkpoint.py, stopping a diverged run in divergence.py, 
 
 import importlib.util
 import logging
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from .fsdp import check_layout, enable_fsdp_on_cpu, init_model, shard_like
 from .lambda_control import lambda_controller
 from .log import TrainLog
 from .milestones import clear_stale_milestones, milestone_steps, save_milestone, warn_missed
+from .preempt import RESUBMIT_EXIT, Preempted, StopRequest, check_attempt, record_resubmit
 from .step import (accumulate_gradients, active_fraction, apply_variant, clip_gradients, optimizer_step,
                    param_groups, pruning_masks)
 
@@ -195,8 +198,10 @@ def setup(config, init, data_dir, out, variant, overwrite, resume, milestones=Fa
                dtype=resolve_dtype(config["dtype"]))
 
 
-def training_loop(run):
-    """Train from the step resumed at to the end of the token budget, logging and checkpointing on the way."""
+def training_loop(run, stop=None):
+    """Train from the step resumed at to the end of the token budget, logging and checkpointing on the way.
+
+    `stop` (preempt.StopRequest): when it asks (a signal, the time limit), checkpoint and raise Preempted."""
     tc, accelerator = run.config, run.accelerator
     step, lam = run.state["step"], run.state["sparsity_lambda"]
     layers = dsmoe_layers(run.model)
@@ -222,23 +227,27 @@ def training_loop(run):
             lam = control.update(active_fraction(step_stats[4:].tolist(), layers))
         if step in run.milestones:
             save_milestone(run, step, run.milestones[step], run.dtype)
-        if step % tc["checkpoint_every"] == 0 or step == run.total_steps:
+        stopping = stop is not None and step < run.total_steps and stop.step_done(accelerator)
+        if step % tc["checkpoint_every"] == 0 or step == run.total_steps or stopping:
             state = {"step": step, "fingerprint": run.fingerprint, "variant": run.variant, "sparsity_lambda": lam,
                      "lambda_control": control.state_dict() if control else None,
                      "data_position": run.batches.position(), "tokens": step * run.tokens_per_step}
             guard.check_weights(run.model, step)
             guard.saved(save_checkpoint(accelerator, run.out, step, state, tc["keep_checkpoints"]))
+        if stopping:
+            bar.close()
+            raise Preempted(step, stop.reason)
     bar.close()
 
 
-def train(config, init, data_dir, out, variant=None, overwrite=False, resume=True, milestones=False):
+def train(config, init, data_dir, out, variant=None, overwrite=False, resume=True, milestones=False, stop=None):
     """Continued pretraining of the model in `init` on the prepared data `data_dir`; write `out`.
 
     Resumes from the newest checkpoint in `out` of the same run unless `resume` is False; refuses
     checkpoints of a different config unless `overwrite`. With `milestones`, keeps the model at each of
     the config's `eval.milestone_tokens` in `out/milestones/`. Returns the path of the final model (`out/model`)."""
     run = setup(config, init, data_dir, Path(out), variant, overwrite, resume, milestones)
-    training_loop(run)
+    training_loop(run, stop)
     pruning = Path(init) / "pruning.json"
     extra_files = [pruning] if pruning.is_file() else []
     return save_final_model(run.accelerator, run.model, run.tokenizer, run.out / "model", run.dtype,
@@ -283,6 +292,9 @@ def register(subparsers):
     p.add_argument("--milestones", action="store_true",
                    help="keep the model at each of the config's eval.milestone_tokens in OUT/milestones/ (Tables 5-6)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-4")
+    p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                   help="this job's walltime: checkpoint and exit 75 (resubmit) cluster.stop_margin_minutes before it")
+    p.add_argument("--attempt", type=int, default=1, help="Snakemake's attempt number (refuses to retry real errors for ever)")
     p.set_defaults(func=cmd_train)
 
 
@@ -290,5 +302,18 @@ def cmd_train(args):
     from ..config import load_config, parse_overrides
 
     config = load_config(args.config, parse_overrides(args.set))
-    path = train(config, args.init, args.data, args.out, args.variant, args.overwrite, not args.no_resume, args.milestones)
+    cluster = config["cluster"]
+    check_attempt(args.out, args.attempt, int(cluster["retry_failures"]))  # before anything is loaded
+    limit = None if args.time_limit is None else args.time_limit * 60
+    stop = StopRequest(limit, cluster["stop_margin_minutes"] * 60)
+    try:
+        path = train(config, args.init, args.data, args.out, args.variant, args.overwrite, not args.no_resume,
+                     args.milestones, stop)
+    except Preempted as stopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            record_resubmit(args.out, args.attempt, stopped.step, stopped.reason)
+        print(f"dsmoe train: {stopped}", file=sys.stderr)
+        return RESUBMIT_EXIT
+    finally:
+        stop.close()
     print(f"wrote {path}")

@@ -131,8 +131,29 @@ def train_variant(wildcards):
 
 
 def train_launcher(wildcards, resources):
-    """`dsmoe`, or `accelerate launch` over the job's GPUs (FSDP) or its `cpu_processes` (DDP): dsmoe/launch.py."""
-    return launch_prefix(resources.get("gpu", 0), resources.get("cpu_processes", 1), BASEDIR / FSDP_CONFIG)
+    """`dsmoe`, `accelerate launch` over the job's GPUs (FSDP) or its `cpu_processes` (DDP), or one launcher
+    per node through srun (config cluster.train_nodes > 1): dsmoe/launch.py."""
+    nodes = int(config["cluster"]["train_nodes"])
+    gpus = int(config["cluster"]["train_gpus"]) if nodes > 1 else resources.get("gpu", 0)
+    return launch_prefix(gpus, resources.get("cpu_processes", 1), BASEDIR / FSDP_CONFIG, nodes)
+
+
+def train_resources():
+    """Rule pretrain's sbatch requests, from config `cluster` (docs/cluster.md).
+
+    One node: `--gpus=N --nodes=1`. Several: `--gres=gpu:N/M` per node, one task per node, and the
+    job marked `mpi` so that the SLURM executor runs the rule's own srun (one launcher per node)
+    instead of wrapping it in `srun -n1`. Checked when the Snakefile is parsed (a dry run too)."""
+    cluster = config["cluster"]
+    gpus, nodes = int(cluster["train_gpus"]), int(cluster["train_nodes"])
+    launch_prefix(gpus, 1, FSDP_CONFIG, nodes)  # raises when the GPUs do not split evenly over the nodes
+    common = {"nodes": nodes, "mem_mb": int(cluster["train_mem_mb"]), "runtime": int(cluster["train_runtime"])}
+    if nodes == 1:
+        return {**common, "gpu": gpus}
+    return {**common, "gres": f"gpu:{gpus // nodes}", "mpi": "srun", "tasks": nodes, "tasks_per_gpu": 0}
+
+
+TRAIN_RESOURCES = train_resources()
 
 
 def sweep_model(wildcards):
