@@ -184,8 +184,10 @@ def setup(config, init, data_dir, out, variant, overwrite, resume, milestones=Fa
     state = {"step": 0, "fingerprint": fingerprint, "variant": variant, "sparsity_lambda": tc["sparsity_lambda"]}
     checkpoint = None
     if start.checkpoints:
+        check_layout(accelerator, start.checkpoints[0])  # sharded (FSDP) or full, as this run writes them
         state, checkpoint = load_checkpoint(accelerator, out, start.checkpoints)
     batches = ProcessBatches(data_dir, manifest, tc, accelerator, start_step=state["step"])
+    log_host_memory(accelerator, "after setup")
     tokens_per_step = tc["batch_size"] * manifest["seq_len"]
     kept = milestone_steps(config["eval"]["milestone_tokens"], tokens_per_step, total_steps) if milestones else {}
     clear_stale_milestones(accelerator, out, fingerprint, state["step"])
@@ -196,6 +198,15 @@ def setup(config, init, data_dir, out, variant, overwrite, resume, milestones=Fa
                tokens_per_step=tokens_per_step, batches=batches, state=state,
                start=checkpoint, tensorboard=tensorboard, milestones=kept,
                dtype=resolve_dtype(config["dtype"]))
+
+
+def log_host_memory(accelerator, when):
+    """This process's peak resident host memory so far, in the log: FSDP's efficient loading shows in it."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    logger.info("process %d: host memory peak %.0f MiB %s", accelerator.process_index, peak / 2**20, when)
 
 
 def training_loop(run, stop=None):
