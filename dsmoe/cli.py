@@ -22,6 +22,7 @@ STAGE_MODULES = [
     "dsmoe.baselines.cli",  # baseline drop | prune
     "dsmoe.report.cli",  # report collect | activated-pct
     "dsmoe.pilot",  # pilot
+    "dsmoe.plan",  # plan
 ]
 
 
