@@ -251,28 +251,7 @@ def test_distributed_fsdp2_fully_shard_matches_one_process(tmp_path):
         torch.testing.assert_close(sharded["state"][name], value, **WEIGHT_TOL, msg=name)
 
 
-def test_distributed_fsdp_through_accelerate_on_the_cpu(runs, prepared, tmp_path):
-    """The workflow's multi-GPU line (FSDP config) on CPU processes: accelerate 1.15 enables its FSDP
-    plugin only for GPU-like devices; on the CPU it runs DDP instead. Skips saying so; trains and
-    compares with one process where an accelerate runs FSDP on the CPU."""
-    probe = tmp_path / "probe.py"
-    probe.write_text("from accelerate import Accelerator\nprint('distributed_type', Accelerator().distributed_type.value)\n")
-    command = (f"ACCELERATE_USE_CPU=true accelerate launch --config_file {FSDP_CONFIG} --num_processes 2 "
-               f"--main_process_port 0 {probe}")
-    result = subprocess.run(command, shell=True, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    kinds = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("distributed_type")}
-    if kinds != {"FSDP"}:
-        pytest.skip(f"accelerate's FSDP plugin does not run on the CPU: with the FSDP config, 2 CPU processes run as "
-                    f"{', '.join(sorted(kinds))} (accelerate 1.15 applies FSDP to GPU-like devices only); "
-                    "FSDP2 itself is tested by test_distributed_fsdp2_fully_shard_matches_one_process")
-    init, data_dir, config_file, _ = prepared
-    out = tmp_path / "fsdp"
-    command = (f"ACCELERATE_USE_CPU=true {launch_prefix(gpus=2)} train --config {config_file} --init {init} "
-               f"--data {data_dir} --out {out}")
-    result = subprocess.run(command, shell=True, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert_same_run(out, runs[0])
+# FSDP2 through accelerate launch (the workflow's FSDP config) on CPU processes: tests/test_fsdp.py
 
 
 def test_distributed_workflow_dry_run_launches_fsdp_on_four_gpus(tmp_path):

@@ -167,6 +167,7 @@ def setup(config, init, data_dir, out, variant, overwrite, resume, milestones=Fa
     total_steps, accumulation = batch_plan(tc, manifest["seq_len"], accelerator.num_processes)
     set_seed(tc["seed"])
     model, tokenizer = init_model(init, accelerator, dtype=torch.float32)  # FSDP: on meta beside the main process
+    log_host_memory(accelerator, "after loading the init")
     check_tokenizer(manifest, tokenizer, data_dir, init)
     variant = apply_variant(model, variant)
     fingerprint = run_fingerprint(config, variant, manifest, model)
