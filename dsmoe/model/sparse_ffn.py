@@ -18,8 +18,10 @@ Schedules, one Python step per expert (`schedule` picks one per call):
   - grouped: (token, expert) pairs are grouped by expert with one gather, each expert runs one
     GEMM trio on its own tokens, one index_add scatters back.
   - packed: grouped (or, for one token, expert by expert) on the oneDNN-packed weights.
-  - grouped_mm (CUDA, bf16, where torch has `_grouped_mm`): grouped, each projection one grouped
-    GEMM over all experts, no Python loop. Not yet run on a GPU; tested on CPU via torch's fallback.
+  - grouped_mm (CUDA, bf16, where torch has `_grouped_mm` and its fast kernel runs: compute capability
+    9.0 or 10.0, see GROUPED_MM_CAPABILITIES): grouped, each projection one grouped GEMM over all
+    experts, no Python loop. On other CUDA GPUs bf16 forwards of 2+ tokens take the masked schedule.
+    Tested on CPU via torch's fallback; on a GPU by `pytest -m gpu` (tests/test_sparse_ffn.py).
   - masked: every expert on every token with the dense GEMMs, the inactive ones weighted 0.
 Which is fastest depends on the expert's size, the dtype and T: per-call overheads (10-35 µs)
 dominate small experts (SmolLM2: 192 x 576) at a few tokens, re-packing weights large ones
@@ -43,9 +45,11 @@ def is_large_expert(expert_weights):
 
 
 def schedule(tokens, expert_weights, dtype, packed, grouped_mm=False):
-    """The schedule (see above) for `tokens` tokens and experts of `expert_weights` weights each."""
+    """The schedule (see above) for `tokens` tokens and experts of `expert_weights` weights each.
+
+    `grouped_mm`: True where the grouped_mm schedule runs, "masked" on a CUDA device without it."""
     if grouped_mm and tokens > FEW_TOKENS:
-        return "grouped_mm"
+        return "grouped_mm" if grouped_mm is True else grouped_mm
     if packed and not is_large_expert(expert_weights) and 2 <= tokens <= SMALL_EXPERT_MASKED_MAX_TOKENS.get(dtype, 0):
         return "masked"
     if packed:
@@ -114,7 +118,7 @@ def sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t=None
             x = x.to(torch.get_autocast_dtype(x.device.type))
             return sparse_expert_ffn(x, w_gate, w_up, w_down, coef, active, act_fn, down_t, packed)
     coef = coef.to(x.dtype)
-    plan = schedule(x.shape[0], down_t.shape[1] * down_t.shape[2], x.dtype, packed is not None, grouped_mm_runs(x))
+    plan = schedule(x.shape[0], down_t.shape[1] * down_t.shape[2], x.dtype, packed is not None, cuda_schedule(x))
     if plan == "grouped_mm":
         return _grouped_mm_by_expert(x, w_gate, w_up, down_t.to(x.dtype), coef, active, act_fn)
     if plan == "packed" and x.shape[0] == 1:
@@ -229,15 +233,41 @@ def _packed_grouped_by_expert(x, packed, coef, active, act_fn):
 GROUPED_MM_DEVICES = {"cuda"}  # where `torch._grouped_mm` (one kernel for every expert's GEMM) replaces the loop
 
 
+# torch's _grouped_mm runs its CUTLASS kernel only on compute capability 9.0 and 10.0 (aten/src/ATen/native/cuda/
+# GroupedBlas.cpp, _grouped_mm_cuda: `_scaled_mm_allowed_device(sm90_only, sm100_only)`); elsewhere it loops
+# over the groups with a host sync for the offsets, slower than the masked schedule.
+GROUPED_MM_CAPABILITIES = {(9, 0), (10, 0)}
+
+
+def device_capability(device):
+    """(major, minor) of a CUDA device; None for other devices."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
 def grouped_mm_runs(x):
-    """Whether the grouped_mm schedule runs `x` (bf16 on CUDA, where the installed torch has `_grouped_mm`)."""
-    return x.device.type in GROUPED_MM_DEVICES and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+    """Whether the grouped_mm schedule runs `x`: bf16 on a GROUPED_MM_DEVICES device, a torch with `_grouped_mm`
+    and, on CUDA, a compute capability with its fast kernel."""
+    if x.device.type not in GROUPED_MM_DEVICES or x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    capability = device_capability(x.device)
+    return capability is None or tuple(capability) in GROUPED_MM_CAPABILITIES
+
+
+def cuda_schedule(x):
+    """For `schedule`: True where grouped_mm runs; "masked" for bf16 on a GROUPED_MM_DEVICES device without it."""
+    if grouped_mm_runs(x):
+        return True
+    return "masked" if x.device.type in GROUPED_MM_DEVICES and x.dtype == torch.bfloat16 else False
 
 
 def _grouped_mm_by_expert(x, w_gate, w_up, down_t, coef, active, act_fn):
     # The grouped schedule with each projection one torch._grouped_mm over all experts: no loop over them.
     n, size, d = down_t.shape
     token_idx, weights, counts = _pairs_by_expert(coef, active)
+    if token_idx.numel() == 0:  # no active (token, expert) pair (a high τ): nothing to add, no empty GEMM
+        return x.new_zeros(x.shape)
     offsets = counts.cumsum(0).to(torch.int32)  # kept on the device: no host sync for the counts
     xs = x.index_select(0, token_idx)
     gate = torch._grouped_mm(xs, w_gate.to(x.dtype).view(n, size, d).transpose(1, 2), offs=offsets)
