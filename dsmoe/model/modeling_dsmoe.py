@@ -212,7 +212,9 @@ class DSMoEMLP(nn.Module):
         coef = coef.to(x.dtype)
         if self.training:
             inter = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
-            inter = inter.view(-1, self.n_experts, self.expert_size) * coef.unsqueeze(-1)
+            # the coefficient in the intermediate's (compute) dtype: under bf16 autocast an fp32 coefficient
+            # would promote the T x D intermediate to fp32 (twice the memory and traffic)
+            inter = inter.view(-1, self.n_experts, self.expert_size) * coef.to(inter.dtype).unsqueeze(-1)
             out = self.down_proj(inter.view(-1, self.intermediate_size))
         else:
             down_t, packed = self._expert_weights(x)

@@ -38,18 +38,24 @@ class DivergenceGuard:
         raise TrainingDiverged(message)
 
     def check_step(self, step, step_stats, grad_norm):
-        """Before the optimizer step of `step`: a finite loss and gradient norm, some expert on."""
-        loss = step_stats[0]
-        if not torch.isfinite(loss):
-            self.stop(f"loss is {loss.item()} at step {step}")
-        if grad_norm is not None and self.accelerator.scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)):
-            self.stop(f"gradient norm is {float(grad_norm)} at step {step} (loss {loss.item():.4g})")
+        """Before the optimizer step of `step`: a finite loss and gradient norm, some expert on.
+
+        One host transfer for all three checks (loss, gradient norm, experts off)."""
+        checked_norm = grad_norm is not None and self.accelerator.scaler is None
+        norm = torch.as_tensor(grad_norm if checked_norm else 0.0, dtype=torch.float32).to(step_stats.device)
+        all_off = (step_stats[4:] == 0).all() if self.layers else torch.zeros((), dtype=torch.bool, device=norm.device)
+        loss, norm, all_off, lm_loss = torch.stack([step_stats[0].float(), norm.reshape(()), all_off.float(),
+                                                    step_stats[1].float()]).tolist()
+        if not math.isfinite(loss):
+            self.stop(f"loss is {loss} at step {step}")
+        if checked_norm and not math.isfinite(norm):
+            self.stop(f"gradient norm is {norm} at step {step} (loss {loss:.4g})")
         if not self.layers or self.all_off_steps is None:
             return
-        self.off_for = self.off_for + 1 if bool((step_stats[4:] == 0).all()) else 0
+        self.off_for = self.off_for + 1 if all_off else 0
         if self.off_for >= self.all_off_steps:
             self.stop(f"every expert of every layer has been off for {self.off_for} steps (to step {step}), "
-                      f"LM loss {step_stats[1].item():.3f} against ln(vocab) = {self.ln_vocab:.3f}: a silent "
+                      f"LM loss {lm_loss:.3f} against ln(vocab) = {self.ln_vocab:.3f}: a silent "
                       "divergence, usually a learning rate (or λ) far too large (train.all_experts_off_steps)")
 
     def check_weights(self, model, step):

@@ -46,12 +46,12 @@ class TrainLog:
         self.interval, self.tick = [], time.perf_counter()
 
     def add(self, step_stats):
-        self.interval.append(step_stats.cpu())
+        self.interval.append(step_stats)  # on the device: read back once per row, in `write`
 
     def write(self, step, lam, lr):
         """Write the row of the interval ending at `step`, trained with `lam` and learning rate `lr`."""
         elapsed, self.tick = time.perf_counter() - self.tick, time.perf_counter()
-        row = log_row(step, step * self.tokens_per_step, torch.stack(self.interval).mean(0), self.layers, lam, lr,
+        row = log_row(step, step * self.tokens_per_step, torch.stack(self.interval).mean(0).cpu(), self.layers, lam, lr,
                       len(self.interval) * self.tokens_per_step / elapsed)
         self.interval = []
         if self.path is not None:

@@ -90,9 +90,14 @@ def auxiliary_losses(model, variant, token_mask=None):
     return sparsity_loss(model, token_mask), None
 
 
-def micro_batch_loss(model, input_ids, variant, lam, balance_coef):
-    """Forward one micro-batch: the loss to minimise and its terms `[loss, lm, sparsity, balance]` (detached)."""
+def micro_batch_loss(model, input_ids, variant, lam, balance_coef, device=None):
+    """Forward one micro-batch: the loss to minimise and its terms `[loss, lm, sparsity, balance]` (detached).
+
+    `input_ids` on the CPU and a `device`: the padding test runs on the host (no device sync), the
+    inputs are then copied (non-blocking from pinned memory)."""
     inputs = model_inputs(input_ids)  # labels; a mask for truncate-mode padding
+    if device is not None:
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
     lm_loss = model(**inputs, use_cache=False).loss
     sparse, balance = auxiliary_losses(model, variant, inputs.get("attention_mask"))
     sparse = lm_loss.new_zeros(()) if sparse is None else sparse
@@ -125,10 +130,10 @@ def accumulate_gradients(accelerator, model, input_ids, accumulation, layers, va
 
     Gradients are synchronised across processes on the last micro-batch only."""
     step_stats = torch.zeros(4 + len(layers), device=accelerator.device)
-    for k, ids in enumerate(input_ids.to(accelerator.device).chunk(accumulation)):
+    for k, ids in enumerate(input_ids.chunk(accumulation)):  # on the host: see micro_batch_loss
         sync = k == accumulation - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            loss, terms = micro_batch_loss(model, ids, variant, lam, balance_coef)
+            loss, terms = micro_batch_loss(model, ids, variant, lam, balance_coef, accelerator.device)
             accelerator.backward(loss / accumulation)
         step_stats += torch.cat([terms, mean_active_experts(layers).to(terms.device)]) / accumulation
     return accelerator.reduce(step_stats, "mean")

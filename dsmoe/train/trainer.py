@@ -90,22 +90,37 @@ def make_optimizer(model, train_config, total_steps, fused=False):
 
 
 class ProcessBatches:
-    """This process's slice of each global batch the data mixture draws, as token ids."""
+    """This process's slice of each global batch the data mixture draws, as token ids.
+
+    The next batch is read on a background thread while the current one trains (pinned for a
+    non-blocking copy when training on CUDA); `position` is the sampler's state after the batches taken."""
 
     def __init__(self, data_dir, manifest, train_config, accelerator, start_step):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.sequences = data_module.load_train(data_dir)
         self.sampler = data_module.MixtureSampler({n: len(s) for n, s in self.sequences.items()},
                                                   {n: e["weight"] for n, e in manifest["sources"].items()},
                                                   train_config["batch_size"], train_config["seed"], start_step=start_step)
         self.per_process = train_config["batch_size"] // accelerator.num_processes
         self.first = accelerator.process_index * self.per_process
+        self.pin = accelerator.device.type == "cuda"
+        self.taken = self.sampler.state()
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsmoe-data")
+        self.ahead = self.reader.submit(self._read)
+
+    def _read(self):
+        batch = self.sampler.next_batch()[self.first:][:self.per_process]
+        ids = torch.from_numpy(np.stack([self.sequences[name][i] for name, i in batch]).astype(np.int64))
+        return (ids.pin_memory() if self.pin else ids), self.sampler.state()
 
     def next_batch(self):
-        batch = self.sampler.next_batch()[self.first:][:self.per_process]
-        return torch.from_numpy(np.stack([self.sequences[name][i] for name, i in batch]).astype(np.int64))
+        ids, self.taken = self.ahead.result()
+        self.ahead = self.reader.submit(self._read)
+        return ids
 
     def position(self):
-        return self.sampler.state()
+        return self.taken
 
 
 @dataclass
