@@ -168,8 +168,10 @@ def test_smoke_end_to_end_through_slurm(tmp_path):
         pytest.skip(f"no local SLURM: {err}")
     workdir = tmp_path / "run"
     env = {**cluster.env, "PATH": ENV["PATH"]}
+    small = tmp_path / "cpu-cluster.yaml"  # rule pretrain's requests come from config `cluster`
+    small.write_text("cluster: {train_gpus: 0, train_mem_mb: 1000, train_runtime: 30}\n")
     try:
-        snakemake("--cores", "all", "--profile", "slurm", "--configfile", str(SMOKE), "--workflow-profile", "none",
+        snakemake("--cores", "all", "--profile", "slurm", "--configfile", str(SMOKE), str(small), "--workflow-profile", "none",
                   "--default-resources", "mem_mb=1000", "runtime=30", "cpus_per_task=1",
                   "--slurm-init-seconds-before-status-checks", "5", "--slurm-logdir", str(tmp_path / "slurm-logs"),
                   workdir=workdir, env=env, timeout=2400)

@@ -149,7 +149,7 @@ def train_resources():
     launch_prefix(gpus, 1, FSDP_CONFIG, nodes)  # raises when the GPUs do not split evenly over the nodes
     common = {"nodes": nodes, "mem_mb": int(cluster["train_mem_mb"]), "runtime": int(cluster["train_runtime"])}
     if nodes == 1:
-        return {**common, "gpu": gpus}
+        return {**common, "gpu": gpus} if gpus else common
     return {**common, "gres": f"gpu:{gpus // nodes}", "mpi": "srun", "tasks": nodes, "tasks_per_gpu": 0}
 
 
