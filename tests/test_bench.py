@@ -107,7 +107,9 @@ def test_storycloze_needs_its_data_dir(tmp_path, monkeypatch):
     assert harness.task_spec("storycloze_2016", manager) is None
     with pytest.raises(FileNotFoundError, match="Story Cloze"):
         harness.task_spec("storycloze_2016", manager, tmp_path / "missing")
-    monkeypatch.setenv(harness.STORYCLOZE_ENV, str(tmp_path))
+    from test_storycloze import write_official_csvs  # the official 2016 CSV files (tests/test_storycloze.py)
+
+    monkeypatch.setenv(harness.STORYCLOZE_ENV, str(write_official_csvs(tmp_path)))
     spec = harness.task_spec("storycloze_2016", manager)
     assert spec["task"] == "storycloze_2016" and spec["dataset_kwargs"]["data_dir"] == str(tmp_path)
     assert harness.task_spec("piqa", manager) == "piqa"

@@ -9,9 +9,10 @@ Suites:
   (`dsmoe_stdlib_nextline`, multiple choice; `dsmoe_pydoc_cloze`, LAMBADA-style cloze).
 - `paper`: hellaswag, lambada_openai, piqa, social_iqa, storycloze_2016, winogrande at 0-shot; gsm8k,
   nq_open, triviaqa, webqs at 5-shot. Needs the Hugging Face datasets (network or a filled cache).
-  storycloze_2016 needs the manually downloaded Story Cloze files: pass `--storycloze-dir DIR` or set
-  `DSMOE_STORYCLOZE_DIR` (the folder given to `datasets.load_dataset("LSDSem/story_cloze", "2016",
-  data_dir=DIR)`); without it the task is skipped with a warning.
+  storycloze_2016 runs the local task tasks/storycloze_2016.yaml over the two official 2016 CSV files
+  (downloaded by hand): pass `--storycloze-dir DIR` or set `DSMOE_STORYCLOZE_DIR`; without them the
+  run stops before any task with an error saying so (the workflow: eval.storycloze_dir, or
+  eval.skip_tasks: [storycloze_2016]).
 
 Values are lm-eval's (accuracy in [0, 1]); `primary` marks the metric Table 2 reports.
 """
@@ -78,20 +79,64 @@ def check_task_names(names, task_manager):
             raise ValueError(f"unknown lm-eval task {name!r}{hint}")
 
 
-def task_spec(name, task_manager, storycloze_dir=None):
-    """What `simple_evaluate` gets for a task: its name, or for storycloze its config with the data dir."""
-    if not name.startswith("storycloze"):
-        return name
+STORYCLOZE_TASK = "storycloze_2016"
+# the official file names: "cloze_test_val__spring2016 - cloze_test_ALL_val.csv", "..._test__spring2016 - ..."
+STORYCLOZE_FILES = {"validation": "cloze_test_val__spring2016*.csv", "test": "cloze_test_test__spring2016*.csv"}
+STORYCLOZE_COLUMNS = ["InputStoryid", "InputSentence1", "InputSentence2", "InputSentence3", "InputSentence4",
+                      "RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2", "AnswerRightEnding"]
+
+
+def storycloze_files(storycloze_dir):
+    """{split: file name} of the official 2016 CSV files in `storycloze_dir`, checked: both there, the columns right."""
+    import csv
+
+    folder = Path(storycloze_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Story Cloze data dir {str(storycloze_dir)!r} does not exist")
+    files = {}
+    for split, pattern in STORYCLOZE_FILES.items():
+        found = sorted(folder.glob(pattern))
+        if len(found) != 1:
+            raise FileNotFoundError(f"Story Cloze data dir {str(folder)!r}: expected one file {pattern!r} (the official "
+                                    f"2016 {split} CSV), found {len(found)}")
+        with open(found[0], newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle), [])
+        missing = [c for c in STORYCLOZE_COLUMNS if c not in header]
+        if missing:
+            raise ValueError(f"{found[0]} is not a Story Cloze 2016 CSV: no column(s) {', '.join(missing)}")
+        files[split] = found[0].name
+    return files
+
+
+def storycloze_spec(storycloze_dir):
+    """The local Story Cloze task's config over the CSV files in `storycloze_dir`, run as storycloze_2016."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
+    config = load_yaml(str(TASKS_DIR / "storycloze_2016.yaml"), resolve_func=True)
+    return {**config, "task": STORYCLOZE_TASK,
+            "dataset_kwargs": {"data_dir": str(storycloze_dir), "data_files": storycloze_files(storycloze_dir)}}
+
+
+def task_spec(name, task_manager, storycloze_dir=None):
+    """What `simple_evaluate` gets for a task: its name, or for storycloze_2016 the local task's config over
+    the CSV files (None without a directory)."""
+    if name != STORYCLOZE_TASK:
+        return name
     storycloze_dir = storycloze_dir or os.environ.get(STORYCLOZE_ENV)
+    return storycloze_spec(storycloze_dir) if storycloze_dir else None
+
+
+def check_storycloze(tasks, storycloze_dir=None):
+    """Before any task runs: storycloze_2016 needs its directory (and its two files)."""
+    storycloze_dir = storycloze_dir or os.environ.get(STORYCLOZE_ENV)
+    if STORYCLOZE_TASK not in tasks:
+        return
     if not storycloze_dir:
-        return None
-    if not Path(storycloze_dir).is_dir():
-        raise FileNotFoundError(f"Story Cloze data dir {storycloze_dir!r} does not exist")
-    config = load_yaml(task_manager.task_index[name].yaml_path, resolve_func=True)
-    config.pop("tag", None)
-    return {**config, "dataset_kwargs": {**config.get("dataset_kwargs", {}), "data_dir": str(storycloze_dir)}}
+        raise ValueError(f"{STORYCLOZE_TASK} needs the official Story Cloze 2016 CSV files (downloaded by hand: "
+                         "https://cs.rochester.edu/nlp/rocstories/): pass --storycloze-dir DIR or set "
+                         f"{STORYCLOZE_ENV} (the workflow: eval.storycloze_dir), or leave the task out "
+                         f"(--tasks; the workflow: eval.skip_tasks: [{STORYCLOZE_TASK}])")
+    storycloze_files(storycloze_dir)
 
 
 def routing_recorder(model):
@@ -174,16 +219,14 @@ def run_bench(model, tokenizer, tasks, limit=None, batch_size=8, storycloze_dir=
     """
     from lm_eval.utils import handle_non_serializable
 
-    task_manager = make_task_manager(list(tasks))
-    check_task_names(list(tasks), task_manager)
+    check_storycloze(tasks, storycloze_dir)
+    task_manager = make_task_manager([name for name in tasks if name != STORYCLOZE_TASK])
+    check_task_names([name for name in tasks if name != STORYCLOZE_TASK], task_manager)
     lm = wrap_model(model, tokenizer, batch_size)
     merged = {"results": {}, "configs": {}, "versions": {}, "n-shot": {}, "higher_is_better": {}, "n-samples": {}, "activation": {}}
     rows = []
     for name, (num_fewshot, primary) in tasks.items():
         spec = task_spec(name, task_manager, storycloze_dir)
-        if spec is None:
-            log.warning("skipping %s: set --storycloze-dir or %s to the Story Cloze data dir", name, STORYCLOZE_ENV)
-            continue
         cache = Path(cache_dir) / f"{name}.json" if cache_dir else None
         if cache and cache.is_file() and json.loads(cache.read_text()).get("key") == cache_key:
             out = json.loads(cache.read_text())["output"]
