@@ -12,6 +12,7 @@ permutation that changes no function, tested in tests/test_llama_moe.py).
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 
 import torch
@@ -64,17 +65,49 @@ def check_partitionable(model, n_experts):
         check_n_experts(n_experts, mlp.gate_proj.out_features, f" of model.layers.{i}.mlp")
 
 
-def validate_conversion(model, n_experts, tau, variant, top_k=None, gate_init_std=None):
-    """Raise a clear error for any argument or model that cannot be converted; change nothing."""
-    check_variant(variant)
-    check_tau(tau)
-    check_n_experts(n_experts)
-    check_gate_init_std(DEFAULTS.gate_init_std if gate_init_std is None else gate_init_std)
-    if variant in TOPK_VARIANTS:
-        check_top_k(DEFAULTS.num_experts_per_tok if top_k is None else top_k, n_experts)
+@dataclasses.dataclass(frozen=True)
+class ConversionOptions:
+    """How `convert` builds the DSMoE layers: the `dsmoe` settings of one variant, checked when made.
+
+    Built once from a run config (`from_config`) or from `dsmoe convert`'s flags, and handed whole to
+    `convert`. The calibrated gate init (beyond the paper) runs when `convert` is given calibration
+    token ids; `calibration_target` and `calibration_spread` shape it (dsmoe/gate_init.py)."""
+
+    n_experts: int = DEFAULTS.n_experts
+    tau: float = DEFAULTS.tau
+    variant: str = DEFAULTS.variant
+    top_k: int = DEFAULTS.num_experts_per_tok
+    gate_init_std: float = DEFAULTS.gate_init_std
+    calibration_target: float = 0.95
+    calibration_spread: float = 0.5
+    partition: str = "contiguous"
+    no_gx_inference_rescale: bool = DEFAULTS.no_gx_inference_rescale
+
+    def __post_init__(self):
+        check_variant(self.variant)
+        check_tau(self.tau)
+        check_n_experts(self.n_experts)
+        check_gate_init_std(self.gate_init_std)
+        check_partition(self.partition)
+        if self.variant in TOPK_VARIANTS:
+            check_top_k(self.top_k, self.n_experts)
+
+    @classmethod
+    def from_config(cls, config, variant="dsmoe"):
+        """The options of `variant` in a validated run config: top-k variants take `topk_partition`."""
+        settings = config["dsmoe"]
+        return cls(n_experts=settings["n_experts"], tau=settings["tau"], variant=variant, top_k=settings["top_k"],
+                   gate_init_std=settings["gate_init_std"], calibration_target=settings["calibration_target"],
+                   calibration_spread=settings["calibration_spread"],
+                   partition=settings["topk_partition"] if variant in TOPK_VARIANTS else "contiguous",
+                   no_gx_inference_rescale=settings["no_gx_inference_rescale"])
+
+
+def validate_conversion(model, options):
+    """Raise a clear error for a model that `options` cannot convert; change nothing."""
     if dsmoe_layers(model):
         raise ValueError(f"{type(model).__name__} is already a DSMoE model")
-    check_partitionable(model, n_experts)
+    check_partitionable(model, options.n_experts)
     check_plain_head(model)
 
 
@@ -131,41 +164,33 @@ def check_dense_equivalence(converted, ids, reference):
                          "does not (supported model types: " + ", ".join(PLAIN_HEAD_MODEL_TYPES) + ")")
 
 
-def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init_std=None,
-            calibration_ids=None, calibration_target=0.95, calibration_spread=0.5, partition="contiguous",
-            partition_ids=None, no_gx_inference_rescale=True, check=True):
+def convert(model, options=None, *, calibration_ids=None, partition_ids=None, check=True, **settings):
     """Replace every decoder MLP of a LLaMA-style causal LM by a `DSMoEMLP`, in place.
 
     Returns a `DSMoEForCausalLM` that shares the given model's modules (no weight is copied).
-    Settings left at None take `DSMoEConfig`'s defaults. Gates are initialised
-    N(0, gate_init_std²) as in the paper, or, given `calibration_ids` (N x T token ids, or a list of
-    such batches: `calibration_inputs`), fitted by `dsmoe.gate_init` (beyond the paper): every expert
-    starts open with σ ≈ `calibration_target`, spread per token by ± `calibration_spread` x 2 in logit
-    by how much each expert contributes to it.
-    `partition` groups the FFN units into experts (`dsmoe.partition`); `coactivation` reads
-    `partition_ids` (N x T token ids, or a list of such batches).
-    `no_gx_inference_rescale`: see `DSMoEConfig` (it matters for the no_gx variant only).
+    `options` is a `ConversionOptions`; or pass its fields as keywords (`convert(model, n_experts=8,
+    tau=0.5)`), the others at their defaults. Gates are initialised N(0, gate_init_std²) as in the
+    paper, or, given `calibration_ids` (N x T token ids, or a list of such batches:
+    `calibration_inputs`), fitted by `dsmoe.gate_init` (beyond the paper): every expert starts open
+    with σ ≈ `calibration_target`, spread per token by ± `calibration_spread` x 2 in logit by how much
+    each expert contributes to it. The `coactivation` partition reads `partition_ids` (likewise).
     With `check` (the default), the result with every expert on must reproduce the dense model's
     logits on a few tokens (`check_dense_equivalence`); if not, the dense MLPs are put back and it raises.
     """
-    n_experts = DEFAULTS.n_experts if n_experts is None else n_experts
-    tau = DEFAULTS.tau if tau is None else tau
-    variant = DEFAULTS.variant if variant is None else variant
-    top_k = DEFAULTS.num_experts_per_tok if top_k is None else top_k
-    gate_init_std = DEFAULTS.gate_init_std if gate_init_std is None else gate_init_std
-    validate_conversion(model, n_experts, tau, variant, top_k, gate_init_std)
-    check_partition(partition)
-    if partition == "coactivation" and partition_ids is None:
+    if options is not None and settings:
+        raise TypeError(f"convert takes ConversionOptions or its fields as keywords, not both ({', '.join(settings)})")
+    options = options or ConversionOptions(**settings)
+    validate_conversion(model, options)
+    if options.partition == "coactivation" and partition_ids is None:
         raise ValueError("the coactivation partition needs calibration token ids (partition_ids)")
-    if calibration_ids is not None and variant in TOPK_VARIANTS:
-        raise ValueError(f"the calibrated gate init applies to sigmoid gates, not to the {variant} router")
-    partition_inputs = capture_ffn_inputs(model, partition_ids) if partition == "coactivation" else None
-    partition_units(model, n_experts, partition, partition_inputs)  # a permutation: the same dense function
+    if calibration_ids is not None and options.variant in TOPK_VARIANTS:
+        raise ValueError(f"the calibrated gate init applies to sigmoid gates, not to the {options.variant} router")
+    partition_inputs = capture_ffn_inputs(model, partition_ids) if options.partition == "coactivation" else None
+    partition_units(model, options.n_experts, options.partition, partition_inputs)  # a permutation: the same function
     reference = _check_logits(model) if check else None  # the dense logits the converted model must give
     ffn_inputs = None if calibration_ids is None else capture_ffn_inputs(model, calibration_ids)
     dense_mlps = [layer.mlp for layer in decoder_layers(model)]
-    converted = _convert_layers(model, n_experts, tau, variant, top_k, gate_init_std, ffn_inputs, calibration_target,
-                                calibration_spread, partition, no_gx_inference_rescale)
+    converted = _convert_layers(model, options, ffn_inputs)
     if reference is not None:
         try:
             check_dense_equivalence(converted, *reference)
@@ -176,18 +201,18 @@ def convert(model, n_experts=None, tau=None, variant=None, top_k=None, gate_init
     return converted
 
 
-def _convert_layers(model, n_experts, tau, variant, top_k, gate_init_std, ffn_inputs, calibration_target,
-                    calibration_spread, partition, no_gx_inference_rescale):
+def _convert_layers(model, options, ffn_inputs):
+    o = options
     config = DSMoEConfig(
         text_config=copy.deepcopy(model.config).to_dict(),
-        n_experts=n_experts,
-        tau=tau,
-        variant=variant,
-        num_experts_per_tok=top_k,
-        gate_init_std=gate_init_std,
+        n_experts=o.n_experts,
+        tau=o.tau,
+        variant=o.variant,
+        num_experts_per_tok=o.top_k,
+        gate_init_std=o.gate_init_std,
         gate_init="normal" if ffn_inputs is None else "calibrated",
         base_architecture=type(model).__name__,
-        partition=partition,
+        partition=o.partition,
     )
     config._attn_implementation = model.config._attn_implementation
     with torch.device("meta"):
@@ -195,15 +220,17 @@ def _convert_layers(model, n_experts, tau, variant, top_k, gate_init_std, ffn_in
     for i, layer in enumerate(decoder_layers(model)):
         weights = None
         if ffn_inputs is not None:
-            weights = calibrated_gate_weights(ffn_inputs[i], n_experts, layer.mlp, calibration_target, calibration_spread)
+            weights = calibrated_gate_weights(ffn_inputs[i], o.n_experts, layer.mlp, o.calibration_target,
+                                              o.calibration_spread)
             ffn_inputs[i] = None  # free as we go
-        layer.mlp = DSMoEMLP.from_dense(layer.mlp, n_experts, tau, variant, top_k, gate_init_std, f"model.layers.{i}.mlp")
+        layer.mlp = DSMoEMLP.from_dense(layer.mlp, o.n_experts, o.tau, o.variant, o.top_k, o.gate_init_std,
+                                        f"model.layers.{i}.mlp")
         if weights is not None:
             layer.mlp.gate.weight.data.copy_(weights)
     converted.model = model.model
     converted.lm_head = model.lm_head
     converted.generation_config = model.generation_config
-    set_no_gx_inference_rescale(converted, bool(no_gx_inference_rescale))
+    set_no_gx_inference_rescale(converted, bool(o.no_gx_inference_rescale))
     converted.train(model.training)
     return converted
 
@@ -262,19 +289,18 @@ def cmd_convert(args):
     from .hub import load_model, save_model
 
     check_out(args.out, "model", args.overwrite)
-    check_partition(args.partition)
+    options = ConversionOptions(n_experts=args.n_experts, tau=args.tau, variant=args.variant, top_k=args.top_k,
+                                gate_init_std=args.gate_init_std, calibration_target=args.calibration_target,
+                                calibration_spread=args.calibration_spread, partition=args.partition,
+                                no_gx_inference_rescale=args.no_gx_inference_rescale)
     ids = None
     if args.gate_init == "calibrated" or args.partition == "coactivation":
         if not args.calibration_data:
             raise ValueError("--gate-init calibrated and --partition coactivation need --calibration-data DATA")
         ids = calibration_inputs(args.calibration_data, args.calibration_sequences)
-    check_gate_init_std(args.gate_init_std)
     model, tokenizer = load_model(args.model)
     torch.manual_seed(args.seed)
-    validate_conversion(model, args.n_experts, args.tau, args.variant, args.top_k, args.gate_init_std)
-    model = convert(model, args.n_experts, args.tau, args.variant, args.top_k, args.gate_init_std,
-                    calibration_ids=ids if args.gate_init == "calibrated" else None,
-                    calibration_target=args.calibration_target, calibration_spread=args.calibration_spread,
-                    partition=args.partition, partition_ids=ids, no_gx_inference_rescale=args.no_gx_inference_rescale)
+    validate_conversion(model, options)
+    model = convert(model, options, calibration_ids=ids if args.gate_init == "calibrated" else None, partition_ids=ids)
     save_model(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"wrote {args.variant} model with {args.n_experts} experts per FFN, tau={args.tau}, to {args.out}")

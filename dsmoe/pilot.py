@@ -61,7 +61,7 @@ def held_out_ppl(model, validation, config, label):
 
 def convert_base(config, data_dir, out, validation):
     """Convert the run's base model as the config says, into OUT/init; held-out ppl of dense and init."""
-    from .convert import calibration_inputs, convert
+    from .convert import ConversionOptions, calibration_inputs, convert
     from .hub import build_base_model, save_model
 
     model, tokenizer = build_base_model(config)
@@ -69,9 +69,7 @@ def convert_base(config, data_dir, out, validation):
     rows = [held_out_ppl(model, validation, config, "dense")] if validation else []
     settings = config["dsmoe"]
     ids = calibration_inputs(data_dir, settings["calibration_sequences"]) if settings["gate_init"] == "calibrated" else None
-    model = convert(model, settings["n_experts"], settings["tau"], "dsmoe", settings["top_k"], settings["gate_init_std"],
-                    calibration_ids=ids, calibration_target=settings["calibration_target"],
-                    calibration_spread=settings["calibration_spread"]).eval()
+    model = convert(model, ConversionOptions.from_config(config), calibration_ids=ids).eval()
     if validation:
         rows.append(held_out_ppl(model, validation, config, "init"))
     save_model(model, tokenizer, out / "init")
