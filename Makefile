@@ -38,8 +38,11 @@ cpu-study: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# On a GPU node: its own virtualenv with PyPI's (CUDA) torch, then the CUDA tests, 50 bf16 training
-# steps (tokens/s, MFU) and the bf16 FFN timing, as one short report (benchmarks/gpu_check.py).
+# On a GPU node: its own virtualenv with PyPI's (CUDA) torch, then one report in under 10 minutes on one
+# H100, offline (benchmarks/gpu_check.py, docs/gpu.md): the CUDA tests, a random Llama-3.2-1B-shaped DSMoE
+# trained in bf16 (tokens/s, MFU, memory, checkpoint time), SIGTERM and resume, the dense step ratio, FSDP2
+# kill and resume, evaluation, batched generation, host syncs per step, the bf16 FFN timing.
+# Report: benchmarks/results/gpu_check/gpu_check.{json,md}. `--cpu-smoke` runs it at tiny shapes on a CPU.
 GPU_VENV ?= .venv-gpu
 $(GPU_VENV)/.installed: pyproject.toml Makefile
 	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
@@ -49,7 +52,8 @@ $(GPU_VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 gpu-check: $(GPU_VENV)/.installed
-	$(GPU_VENV)/bin/python benchmarks/gpu_check.py
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(GPU_VENV)/bin/python benchmarks/gpu_check.py \
+		--out benchmarks/results/gpu_check
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint --configfile config/config.yaml
