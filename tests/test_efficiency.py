@@ -86,3 +86,24 @@ def test_micro_batch_inputs_are_built_on_the_host():
     on_host = micro_batch_loss(model, ids, "dsmoe", 0.01, 0.0, device=torch.device("cpu"))[1]
     before = micro_batch_loss(model, ids, "dsmoe", 0.01, 0.0)[1]
     torch.testing.assert_close(on_host, before, rtol=0, atol=0)
+
+
+def test_truncate_mode_padding_needs_no_attention_mask(monkeypatch):
+    """A right-padded micro-batch runs without the attention mask (causal attention already hides the
+    padding after each real token): the same loss and terms as with the mask; padding elsewhere keeps it."""
+    from dsmoe.train import step
+
+    model = tiny_model()
+    ids = torch.randint(0, 96, (3, 16), generator=torch.Generator().manual_seed(4))
+    ids[0, 9:], ids[2, 14:] = data.PAD, data.PAD
+    assert step.trailing_padding_only(ids)
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: seen.append("attention_mask" in kw) or forward(**kw))
+    without_mask = micro_batch_loss(model, ids, "dsmoe", 0.01, 0.0)[1]
+    monkeypatch.setattr(step, "trailing_padding_only", lambda ids: False)
+    with_mask = micro_batch_loss(model, ids, "dsmoe", 0.01, 0.0)[1]
+    assert seen == [False, True]
+    torch.testing.assert_close(without_mask, with_mask, rtol=1e-5, atol=1e-6)
+    ids[1, 3] = data.PAD  # padding inside a row: the mask stays
+    assert not step.trailing_padding_only(ids)

@@ -90,6 +90,16 @@ def auxiliary_losses(model, variant, token_mask=None):
     return sparsity_loss(model, token_mask), None
 
 
+def trailing_padding_only(input_ids):
+    """Whether each row's PAD (truncate mode) is one run at its end; on a CPU tensor: no device sync."""
+    from ..data import PAD
+
+    if input_ids.device.type != "cpu":
+        return False
+    pad = input_ids == PAD
+    return bool((pad[:, 1:] >= pad[:, :-1]).all())  # once padding, padding to the end
+
+
 def micro_batch_loss(model, input_ids, variant, lam, balance_coef, device=None):
     """Forward one micro-batch: the loss to minimise and its terms `[loss, lm, sparsity, balance]` (detached).
 
@@ -98,8 +108,13 @@ def micro_batch_loss(model, input_ids, variant, lam, balance_coef, device=None):
     inputs = model_inputs(input_ids)  # labels; a mask for truncate-mode padding
     if device is not None:
         inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    token_mask = inputs.get("attention_mask")
+    if token_mask is not None and trailing_padding_only(input_ids):
+        # causal attention alone keeps every real token from the padding after it: no mask, so attention
+        # takes its causal (flash) kernel; padding stays out of the loss (labels) and of the auxiliary terms
+        inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
     lm_loss = model(**inputs, use_cache=False).loss
-    sparse, balance = auxiliary_losses(model, variant, inputs.get("attention_mask"))
+    sparse, balance = auxiliary_losses(model, variant, token_mask)
     sparse = lm_loss.new_zeros(()) if sparse is None else sparse
     balance = lm_loss.new_zeros(()) if balance is None else balance
     loss = lm_loss + lam * sparse + balance_coef * balance
