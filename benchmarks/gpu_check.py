@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("GH200", 989), ("B200", 2250),
                ("A100", 312), ("L40S", 362), ("L4", 121), ("A10", 125)]  # dense bf16, vendor data sheets
 GPU_SHAPE = dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256, seq_len=1024, batch=32,
-                 micro_batch=4, steps=12, preempt_steps=8, dense_steps=20, fsdp_steps=6, profile_steps=3, gen_tokens=32,
+                 micro_batch=4, steps=10, preempt_steps=6, dense_steps=20, fsdp_steps=4, profile_steps=2, gen_tokens=32,
                  lm_eval_limit=16, ffn_shape=(2048, 8192), ffn_tokens=(1, 64, 2048, 8192))
 CPU_SHAPE = dict(hidden=64, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=None, seq_len=32, batch=4,
                  micro_batch=2, steps=3, preempt_steps=6, dense_steps=3, fsdp_steps=5, profile_steps=2, gen_tokens=4,

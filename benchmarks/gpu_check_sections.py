@@ -38,6 +38,14 @@ def run_command(ctx, words, log, timeout, env=None, wait=True):
     return Path(log).read_text()
 
 
+def drop_checkpoints(*runs):
+    """A 1B run's checkpoint is ~19 GB (fp32 weights and AdamW state): each goes once its section is done."""
+    import shutil
+
+    for run in runs:
+        shutil.rmtree(Path(run) / "checkpoints", ignore_errors=True)
+
+
 def dsmoe_cli(*words):
     return [sys.executable, "-m", "dsmoe.cli", *map(str, words)]
 
@@ -101,6 +109,7 @@ def main_training(ctx):
         wall = time.perf_counter() - start
     finally:
         trainer.save_checkpoint = original
+        drop_checkpoints(ctx.work / "dsmoe_run")
     rows = train_log(ctx.work / "dsmoe_run")
     timed = rows[1:] or rows  # the first interval holds the warmup (allocation, autotuning)
     tokens_per_s = sum(r["tokens_per_s"] for r in timed) / len(timed)
@@ -120,13 +129,25 @@ def preempt_and_resume(ctx):
     run = ctx.work / "preempt_run"
     words = dsmoe_cli("train", "--config", config, "--init", ctx.work / "dsmoe_init", "--data", ctx.data_dir, "--out", run)
     first = stop_near_the_end(ctx, words, run, steps, ctx.work / "preempt_1.log")
-    log = run_command(ctx, words, ctx.work / "preempt_2.log", ctx.budget("preempt"))
+    try:
+        log = run_command(ctx, words, ctx.work / "preempt_2.log", ctx.budget("preempt"))
+    finally:
+        drop_checkpoints(run)
     resumed = "resuming from" in log
     done = (run / "model" / "model.safetensors").is_file() or any((run / "model").glob("*.safetensors"))
     if not (first["rc"] == 75 and resumed and done):
-        raise RuntimeError(f"SIGTERM at step {first['step']}: exit {first['rc']} (75 expected), resumed {resumed}, "
+        raise RuntimeError(f"SIGTERM at step {first['signal_at_step']}: exit {first['rc']} (75 expected), resumed {resumed}, "
                            f"final model {done}")
     return {**first, "resumed": resumed, "final_model": done}
+
+
+def training_workers(proc):
+    """The `dsmoe.cli` processes of a launch (the process itself without a launcher)."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    workers = [p for p in parent.children(recursive=True) if "dsmoe.cli" in " ".join(p.cmdline())]
+    return workers or [parent]
 
 
 def stop_near_the_end(ctx, words, run, steps, log, env=None):
@@ -138,7 +159,8 @@ def stop_near_the_end(ctx, words, run, steps, log, env=None):
         rows = train_log(run)
         step = int(rows[-1]["step"]) if rows else 0
         if step >= steps - 2:
-            os.killpg(proc.pid, signal.SIGTERM)
+            for worker in training_workers(proc):  # as a scheduler's preemption reaches the training processes
+                worker.send_signal(signal.SIGTERM)
             break
         time.sleep(0.2)
     try:
@@ -147,7 +169,10 @@ def stop_near_the_end(ctx, words, run, steps, log, env=None):
         os.killpg(proc.pid, signal.SIGKILL)
         rc = proc.wait()
     checkpoints = sorted(p.name for p in (run / "checkpoints").glob("step_*")) if (run / "checkpoints").is_dir() else []
-    return {"signal_at_step": step, "step": step, "rc": rc, "checkpoints": checkpoints}
+    # under a launcher (accelerate launch, torchrun) the worker's exit 75 reaches the caller as a failure:
+    # the worker's own line says it stopped cleanly (dsmoe/train/preempt.py)
+    clean = rc == 75 or "after writing its checkpoint: exit 75" in Path(log).read_text(errors="replace")
+    return {"signal_at_step": step, "rc": rc, "stopped_cleanly": clean, "checkpoints": checkpoints}
 
 
 def dense_ratio(ctx, dsmoe_step_s):
@@ -155,8 +180,11 @@ def dense_ratio(ctx, dsmoe_step_s):
     from dsmoe.train import train
 
     steps = ctx.shape["dense_steps"]
-    train(ctx.train_config(steps, checkpoint_every=10**6), ctx.work / "dense_init", ctx.data_dir,
-          ctx.work / "dense_run", variant="dense")
+    try:
+        train(ctx.train_config(steps, checkpoint_every=10**6), ctx.work / "dense_init", ctx.data_dir,
+              ctx.work / "dense_run", variant="dense")
+    finally:
+        drop_checkpoints(ctx.work / "dense_run")
     rows = train_log(ctx.work / "dense_run")
     timed = rows[1:] or rows
     dense_step_s = ctx.tokens_per_step / (sum(r["tokens_per_s"] for r in timed) / len(timed))
@@ -175,14 +203,15 @@ def fsdp_kill_and_resume(ctx, init_name, wanda=False):
                         "--out", str(run)]
     env = {"ACCELERATE_USE_CPU": "true"} if ctx.device == "cpu" else {}
     first = stop_near_the_end(ctx, words, run, steps, ctx.work / f"fsdp_{init_name}_1.log", env=env)
-    log = run_command(ctx, words, ctx.work / f"fsdp_{init_name}_2.log", ctx.budget("fsdp"), env=env)
-    result = {**first, "fsdp": "FSDP" in log, "resumed": "resuming from" in log,
-              "sharded_checkpoint": any((run / "checkpoints").glob("step_*/pytorch_model_fsdp_0"))}
+    try:
+        log = run_command(ctx, words, ctx.work / f"fsdp_{init_name}_2.log", ctx.budget("fsdp"), env=env)
+        sharded = any((run / "checkpoints").glob("step_*/pytorch_model_fsdp_0"))
+    finally:
+        drop_checkpoints(run)
+    result = {**first, "fsdp": "FSDP" in log, "resumed": "resuming from" in log, "sharded_checkpoint": sharded}
     if wanda:
         start, end = (load_file(next(Path(d).glob("*.safetensors"))) for d in (ctx.work / init_name, run / "model"))
         result["zeros_kept"] = all(torch.equal(end[k] == 0, v == 0) for k, v in start.items() if k.endswith("proj.weight"))
-    # the launcher reports its worker's exit 75 as a failure of its own; RUN/resubmit.json records the clean stop
-    result["stopped_cleanly"] = first["rc"] == 75 or (run / "resubmit.json").is_file()
     if not (result["fsdp"] and result["resumed"] and result["stopped_cleanly"] and result.get("zeros_kept", True)):
         raise RuntimeError(f"FSDP kill and resume ({init_name}): {result}")
     return result
@@ -283,9 +312,12 @@ def profiled_counts(ctx, steps, name):
     from dsmoe.train import train
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device == "cuda" else [])
-    with profile(activities=activities) as prof:
-        train(ctx.train_config(steps, checkpoint_every=10**6, log_every=10**6), ctx.work / "dsmoe_init", ctx.data_dir,
-              ctx.work / name)
+    try:
+        with profile(activities=activities) as prof:
+            train(ctx.train_config(steps, checkpoint_every=10**6, log_every=10**6), ctx.work / "dsmoe_init", ctx.data_dir,
+                  ctx.work / name)
+    finally:
+        drop_checkpoints(ctx.work / name)
     return {event.key: event.count for event in prof.key_averages() if event.key in SYNC_EVENTS}
 
 
