@@ -17,7 +17,9 @@
 # # Routing explorer
 #
 # Load a DSMoE checkpoint, type a text, and see how many experts each token activates in each
-# layer. Change `text` (or `model_dir`) and rerun the cells.
+# layer. Change `text` (or `model_dir`) and rerun the cells. Without a trained model (a fresh clone;
+# the committed CPU study keeps no weights) the embedded SmolLM2-135M, converted with the paper's
+# random gate init and not trained, stands in, and the first output says so.
 
 # %% tags=["parameters"]
 run_dir = "../results/default"
@@ -29,15 +31,25 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+import torch
+
 import dsmoe
 from dsmoe import report
 
-model, tokenizer = dsmoe.load_model(model_dir)
-print(f"{type(model).__name__}: {model.config.n_experts} experts per FFN, τ = {model.config.tau}")
+run = report.find_run(run_dir)
+if Path(model_dir).is_dir():
+    model, tokenizer = dsmoe.load_model(model_dir)
+    print(f"{model_dir}: {type(model).__name__}, {model.config.n_experts} experts per FFN, τ = {model.config.tau}")
+else:
+    print(f"{model_dir} does not exist: SmolLM2-135M converted with the paper's random gate init "
+          "(N(0, 0.02²), seed 0), untrained, stands in for a trained DSMoE model.")
+    torch.manual_seed(0)
+    model, tokenizer = dsmoe.load_model("smollm2-135m")
+    model = dsmoe.convert(model, n_experts=8, tau=0.5, variant="dsmoe")
 
 # %%
 tokens, activity = report.token_activity(model, tokenizer, text)
 ax = report.explorer_heatmap(tokens, activity, model.config.n_experts)
 ax.set_title(f"active experts per token and layer (mean {activity.mean():.2f} of {model.config.n_experts})")
-report.save_figure(ax.figure, Path(run_dir) / "figures", "explorer")
+report.save_figure(ax.figure, run.out / "figures", "explorer")
 plt.show()

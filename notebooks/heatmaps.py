@@ -21,7 +21,7 @@
 # recorded while lm-eval ran them), and the per-layer profile as lines. The paper finds a W-shaped
 # profile across depth; `tables` tests it (claims: five equal layer bands, bands 1, 3, 5 each above
 # bands 2 and 4). Top-k routing is fixed (k experts for every token): its heatmap is drawn once, as a
-# reference, not as a finding.
+# reference, not as a finding. Every heatmap shares one colour scale, 0 to n experts.
 
 # %% tags=["parameters"]
 run_dir = "../results/default"
@@ -35,17 +35,19 @@ import matplotlib.pyplot as plt
 
 from dsmoe import report
 
-data = report.load_run(run_dir)
-figures_dir = Path(run_dir) / "figures"
-models = models.split()
-task_models = task_models.split()
+run = report.find_run(run_dir)
+data = report.load_run(run.dir)
+figures_dir = run.out / "figures"
+n_experts = report.run_config(run.dir).get("dsmoe", {}).get("n_experts")  # the shared colour scale's top
+models = [m for m in models.split() if m in set(data["layers"]["model"])]
+task_models = [m for m in task_models.split() if m in set(data["bench_layers"]["model"])]
 
 # %% [markdown]
 # ## Validation sources
 
 # %%
 for model in models:
-    ax = report.heatmap(data["layers"], model)
+    ax = report.heatmap(data["layers"], model, n_experts=n_experts)
     report.save_figure(ax.figure, figures_dir, f"heatmap_{model}")
     plt.show()
 
@@ -54,12 +56,12 @@ for model in models:
 
 # %%
 for model in task_models:
-    ax = report.heatmap(data["bench_layers"], model, column="task")
+    ax = report.heatmap(data["bench_layers"], model, column="task", n_experts=n_experts)
     report.save_figure(ax.figure, figures_dir, f"heatmap_tasks_{model}")
     plt.show()
 
 # %%
-ax = report.layer_profile(data["layers"], models)
+ax = report.layer_profile(data["layers"], models, n_experts=n_experts)
 ax.set_title("mean active experts per layer (all sources)")
 report.save_figure(ax.figure, figures_dir, "layer_profile")
 plt.show()

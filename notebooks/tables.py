@@ -17,7 +17,8 @@
 # # Tables 1–6 beside the paper
 #
 # Reads a run's collected results (`results/<run>/data/`, written by the workflow's `collect` rule)
-# and writes each table as CSV and Markdown to `results/<run>/tables/`. The paper's numbers come from
+# and writes each table as CSV and Markdown to `results/<run>/tables/` (with no run there yet, it shows
+# the committed CPU study, `results/cpu-study/`, and writes to a scratch folder). The paper's numbers come from
 # `dsmoe/report/paper_results.yaml` (LLaMA-1B and LLaMA-7B; the embedded default uses SmolLM2-135M
 # and the offline stdlib tasks, so compare trends, not values).
 
@@ -31,10 +32,13 @@ from pathlib import Path
 from IPython.display import Markdown, display
 
 from dsmoe import report
+from dsmoe.report import matched
 
-data = report.load_run(run_dir)
+run = report.find_run(run_dir)
+data = report.load_run(run.dir)
 paper = report.load_paper(paper_results or report.PAPER_RESULTS)
-tables_dir = Path(run_dir) / "tables"
+tables_dir = run.out / "tables"
+train_tokens = report.run_config(run.dir).get("train", {}).get("tokens")
 
 
 def show(df, name):
@@ -79,19 +83,23 @@ show(report.table4(data["sweep"], paper), "table4")
 table56 = report.table5_6(data["milestones"], paper)
 show(table56, "table5_6")
 fig = report.token_curve(table56)
-report.save_figure(fig, Path(run_dir) / "figures", "token_curve")
+report.save_figure(fig, run.out / "figures", "token_curve")
 
 # %% [markdown]
 # ## Does the reproduction hold?
 # Each perplexity comparison carries a paired bootstrap 95% interval over the validation windows
-# (`diff` = `ppl_a` − `ppl_b`, `ci_low`..`ci_high`; 2,000 replicates, a fixed seed): "A beats B" is
-# "yes" only when the interval lies entirely below 0. Without per-window data (an older run) a
-# comparison is "n/a".
+# (`diff` = `ppl_a` − `ppl_b`, `ci_low`..`ci_high`; 2,000 replicates, a fixed seed): A is better
+# than B only when the interval lies entirely below 0. Two models are judged only at matched activation
+# (`activated_pct_a`, `activated_pct_b`; `dsmoe/report/matched.py`): "yes" only where DSMoE is better
+# at equal or lower activation, "no" only where it is not better at equal or higher activation,
+# "not testable" otherwise. A short run (the demo) makes no quality comparison: "not testable in the
+# demo". Without per-window data (an older run) a comparison is "n/a".
 
 # %%
 claims = report.claims(data["ppl"], data["sweep"], data["layers"], windows=data["windows"],
                        sweep_windows=data["sweep_windows"], milestones=data["milestones"],
-                       milestone_windows=data["milestone_windows"])
+                       milestone_windows=data["milestone_windows"], train_tokens=train_tokens)
+print(f"The rule: {matched.RULE}.")
 show(claims, "claims")
 for row in claims.itertuples():
     print(f"{row.claim}: reproduced: {row.reproduced}  ({row.evidence})")

@@ -33,9 +33,10 @@ import matplotlib.pyplot as plt
 
 from dsmoe import report
 
-data = report.load_run(run_dir)
+run = report.find_run(run_dir)
+data = report.load_run(run.dir)
 paper = report.load_paper(paper_results or report.PAPER_RESULTS)
-figures_dir = Path(run_dir) / "figures"
+figures_dir = run.out / "figures"
 sweep = data["sweep"]
 
 # %%

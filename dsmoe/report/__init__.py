@@ -4,7 +4,7 @@ from .bootstrap import PairedDiff, interpolation, paired_bootstrap, windows_of
 from .reproduced import claims
 from .plots import (explorer_heatmap, heatmap, heatmap_grid, layer_profile, no_gx_curve, pilot_curves, tau_curves,
                     token_activity, token_curve)
-from .run_data import PAPER_RESULTS, collect, load_paper, load_run, overall, save_figure, save_table
+from .run_data import PAPER_RESULTS, collect, find_run, load_paper, load_run, overall, run_config, save_figure, save_table
 from .shape import band_means, is_w_shaped, w_shape_claim
 from .tables import paper_methods, paper_tasks, primary_scores, table1, table2, table3, table4, table5_6
 
@@ -15,6 +15,7 @@ __all__ = [
     "claims",
     "collect",
     "explorer_heatmap",
+    "find_run",
     "heatmap",
     "heatmap_grid",
     "interpolation",
@@ -29,6 +30,7 @@ __all__ = [
     "paper_tasks",
     "pilot_curves",
     "primary_scores",
+    "run_config",
     "save_figure",
     "save_table",
     "table1",

@@ -1,4 +1,5 @@
-"""`dsmoe report collect | activated-pct` (old name: `dsmoe figures`, kept as an alias for one release)."""
+"""`dsmoe report collect | activated-pct | claims | summary` (old name: `dsmoe figures`, kept as an alias
+for one release)."""
 
 from ..names import RUN_DATA
 
@@ -13,6 +14,12 @@ def register(subparsers):
     c = commands.add_parser("activated-pct", help="print a model's activated params (%% of total) from its ppl.csv")
     c.add_argument("ppl_csv", help="ppl.csv written by `dsmoe eval ppl`")
     c.set_defaults(func=cmd_activated_pct)
+    c = commands.add_parser("claims", help="write a run's claims table (tables/claims.csv and .md) from its collected data")
+    c.add_argument("--run", required=True, help="run directory (results/<run_name>) with data/ and config.yaml")
+    c.set_defaults(func=cmd_claims)
+    c = commands.add_parser("summary", help="print where a run's results are, its Table 1 rows and how to open the notebooks")
+    c.add_argument("--run", required=True, help="run directory (results/<run_name>) with data/")
+    c.set_defaults(func=cmd_summary)
 
 
 def cmd_collect(args):
@@ -25,3 +32,24 @@ def cmd_activated_pct(args):
     from ..evaluation.perplexity import read_activated_pct
 
     print(f"{read_activated_pct(args.ppl_csv):.6f}")
+
+
+def cmd_claims(args):
+    from pathlib import Path
+
+    from . import claims, load_run, run_config, save_table
+
+    data = load_run(args.run)
+    table = claims(data["ppl"], data["sweep"], data["layers"], windows=data["windows"],
+                   sweep_windows=data["sweep_windows"], milestones=data["milestones"],
+                   milestone_windows=data["milestone_windows"],
+                   train_tokens=run_config(args.run).get("train", {}).get("tokens"))
+    save_table(table, Path(args.run) / "tables", "claims")
+    for row in table.itertuples():
+        print(f"{row.claim}: {row.reproduced}")
+
+
+def cmd_summary(args):
+    from .summary import summary
+
+    print(summary(args.run))

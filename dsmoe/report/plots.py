@@ -22,18 +22,30 @@ def heatmap_grid(layers, model, column="source"):
     return grid
 
 
-def heatmap(layers, model, column="source", ax=None):
+def expert_scale(layers, n_experts=None):
+    """The colour scale's top: `n_experts` (the run's dsmoe.n_experts), else the largest whole count the
+    data reaches (every model of `layers` at once), so that every heatmap of a run shares one scale."""
+    if n_experts is not None:
+        if n_experts < 1:
+            raise ValueError(f"n_experts must be at least 1, got {n_experts}")
+        return int(n_experts)
+    return max(1, int(np.ceil(layers["mean_active_experts"].max() - 1e-9)))
+
+
+def heatmap(layers, model, column="source", ax=None, n_experts=None):
     """Fig. 3: mean active experts, layers (rows) x validation sources or benchmark tasks (`column`),
-    of one model, with the average column and row. A fixed-routing model (top-k) is titled as the
-    reference it is: its count is k by construction, not a finding."""
+    of one model, with the average column and row, on the fixed colour scale 0..n experts (`n_experts`,
+    see `expert_scale`) that every model's figure shares: a flat run looks flat, and models compare at
+    a glance. A fixed-routing model (top-k) is titled as the reference it is: its count is k by
+    construction, not a finding."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     grid = heatmap_grid(layers, model, column)
     if ax is None:
         _, ax = plt.subplots(figsize=(1.2 * grid.shape[1] + 2.5, 0.28 * grid.shape[0] + 1.5))
-    sns.heatmap(grid, ax=ax, annot=grid.shape[0] <= 33, fmt=".1f", cmap="viridis",
-                cbar_kws={"label": "mean active experts"})
+    sns.heatmap(grid, ax=ax, annot=grid.shape[0] <= 33, fmt=".1f", cmap="viridis", vmin=0,
+                vmax=expert_scale(layers, n_experts), cbar_kws={"label": "mean active experts"})
     ax.axvline(grid.shape[1] - 1, color="white", lw=2)
     ax.axhline(grid.shape[0] - 1, color="white", lw=2)
     ax.set_xlabel("validation source" if column == "source" else "benchmark task")
@@ -46,9 +58,9 @@ def heatmap(layers, model, column="source", ax=None):
     return ax
 
 
-def layer_profile(layers, models, ax=None):
-    """Per-layer mean active experts (averaged over sources), one line per model; fixed-routing
-    models dashed and labelled as a reference."""
+def layer_profile(layers, models, ax=None, n_experts=None):
+    """Per-layer mean active experts (averaged over sources), one line per model, on the axis 0..n
+    experts (`expert_scale`); fixed-routing models dashed and labelled as a reference."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -63,6 +75,7 @@ def layer_profile(layers, models, ax=None):
                     label=f"{model} (reference: fixed k)" if fixed else model)
     ax.set_xlabel("layer")
     ax.set_ylabel("mean active experts")
+    ax.set_ylim(0, expert_scale(layers, n_experts) * 1.05)
     ax.legend()
     ax.grid(alpha=0.3)
     return ax

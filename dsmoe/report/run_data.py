@@ -5,8 +5,10 @@ notebooks read.
 """
 
 import io
+import tempfile
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import yaml
@@ -41,6 +43,41 @@ def load_run(run_dir):
         raise FileNotFoundError(f"{data_dir} does not exist; run the workflow (rule collect) first")
     return {name: pd.read_csv(path) if (path := data_dir / f"{name}.csv").is_file() else pd.DataFrame(columns=["model"])
             for name in RUN_DATA}
+
+
+FALLBACK_RUN = "cpu-study"  # committed (results/cpu-study/): what a notebook shows before any run
+
+
+class Run(NamedTuple):
+    """Where a notebook reads a run (`dir`) and writes its tables and figures (`out`)."""
+
+    dir: Path
+    out: Path
+    fallback: bool
+
+
+def find_run(run_dir, fallback=FALLBACK_RUN, scratch=None):
+    """The `Run` of `run_dir` where it holds collected results (data/ppl.csv), else of its sibling
+    `fallback` (results/cpu-study/, committed), saying so. A fallback run is read, never written: its
+    tables and figures go to `scratch` (default: a folder under the system's temporary directory).
+    A clear error where neither holds results."""
+    run_dir = Path(run_dir)
+    if (run_dir / "data" / "ppl.csv").is_file():
+        print(f"Reading the run in {run_dir}; tables and figures go to {run_dir}/.")
+        return Run(run_dir, run_dir, False)
+    other = run_dir.parent / fallback
+    if not (other / "data" / "ppl.csv").is_file():
+        raise FileNotFoundError(f"neither {run_dir} nor {other} holds collected results (data/ppl.csv); run `make demo`")
+    out = Path(scratch) if scratch is not None else Path(tempfile.gettempdir()) / "dsmoe-notebooks" / fallback
+    print(f"{run_dir} holds no results yet (`make demo` writes them): showing the committed CPU study in {other} "
+          f"instead; its files stay as committed, this notebook writes to {out}/.")
+    return Run(other, out, True)
+
+
+def run_config(run_dir):
+    """The run's config.yaml (written when the workflow starts, every default filled), or {} without one."""
+    path = Path(run_dir) / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
 def load_paper(path=PAPER_RESULTS):
