@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test lint clean gpu-check cpu-study
+.PHONY: venv demo lab lab-check test lint clean gpu-check cpu-study
 
 $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,9 +20,24 @@ $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 
 venv: $(STAMP)
 
-# The whole embedded-default DAG (config/config.yaml): results/default/{tables,figures,notebooks}.
+# The whole embedded-default DAG (config/config.yaml): results/default/{tables,figures,notebooks},
+# then a short summary (Table 1's main rows, the routing it shows, how to open the notebooks).
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
+	$(BIN)/dsmoe report summary --run results/default
+
+# JupyterLab on the notebooks (each reads results/default, else the committed results/cpu-study).
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+# Every notebook run in JupyterLab in a real Chromium (tools/lab_check.py): no error, nothing on
+# stderr, its figures shown. Needs the Debian package chromium (installed here with apt-get when
+# missing) and Playwright from PyPI (the `lab` extra; never `playwright install`).
+lab-check: $(STAMP)
+	@test -x /usr/bin/chromium || { echo "lab-check: installing the Debian package chromium (apt-get, needs root)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[lab]"
+	$(BIN)/python tools/lab_check.py
 
 # The CPU study (config/cpu-study.yaml, about 75 minutes on 2 idle cores): results/cpu-study/, committed
 # without weights. $(CORES) jobs at a time, one thread each: two torch processes of 2 threads each on
