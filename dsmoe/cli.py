@@ -23,6 +23,7 @@ STAGE_MODULES = [
     "dsmoe.report.cli",  # report collect | activated-pct
     "dsmoe.pilot",  # pilot
     "dsmoe.plan",  # plan
+    "dsmoe.fetch",  # fetch
 ]
 
 

@@ -31,6 +31,9 @@ FLOAT_PATTERN = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-
     |\.(?:nan|NaN|NAN))$""", re.X)
 
 
+INT_PATTERN = re.compile(r"^[-+]?[0-9][0-9_]*$")
+
+
 class ConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader that also reads exponent floats without a dot (`1e-4`, `5E+3`) as floats."""
 
@@ -73,7 +76,7 @@ def _fill_defaults(validator_class):
 
 
 def coerce_numbers(config, schema=None):
-    """Turn strings such as "1e-4" into floats, in place, wherever the schema expects a number and no string
+    """Turn strings such as "1e-4" into floats and "8" into ints (where the schema expects an integer), in place, wherever the schema expects a number and no string
     (and inside objects whose keys it leaves free, i.e. random_init); and YAML 1.1's `no` (read as false)
     back into "no" where the schema expects that string (`train.mixed_precision: no`).
 
@@ -87,6 +90,8 @@ def coerce_numbers(config, schema=None):
         if (isinstance(value, str) and (free_form or "number" in types and "string" not in types)
                 and FLOAT_PATTERN.match(value.strip())):
             return float(load_yaml(value.strip()))
+        if isinstance(value, str) and "integer" in types and "string" not in types and INT_PATTERN.match(value.strip()):
+            return int(value.strip().replace("_", ""))  # `--config cluster='{train_gpus: "8"}'`, a quoted YAML number
         if value is False and "string" in types and "no" in node.get("enum", []):  # YAML 1.1 reads `no` as false
             return "no"
         if isinstance(value, dict):

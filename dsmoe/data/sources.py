@@ -137,9 +137,11 @@ def hf_stream(source, seed):
     stream) never reappear in training."""
     import datasets
 
+    from ..fetch import dataset_path  # offline: the snapshot `dsmoe fetch` left in the cache
+
     data_dirs, weights = _hf_parts(source)
     buffer = source.get("shuffle_buffer", 10000)
-    parts = [datasets.load_dataset(source["path"], source.get("subset"), split=source.get("split", "train"), data_dir=data_dir,
+    parts = [datasets.load_dataset(dataset_path(source), source.get("subset"), split=source.get("split", "train"), data_dir=data_dir,
                                    data_files=source.get("data_files"), streaming=True).shuffle(seed=seed + i, buffer_size=buffer)
              for i, data_dir in enumerate(data_dirs)]
     if len(parts) == 1:

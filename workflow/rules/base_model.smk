@@ -12,4 +12,4 @@ rule base_model:
     conda:
         ENV
     shell:
-        "dsmoe base --config {params.config} --out {output.model} > {log} 2>&1"
+        offline_check("model", "data", "tasks") + "dsmoe base --config {params.config} --out {output.model} > {log} 2>&1"

@@ -1,6 +1,7 @@
 """Helpers shared by the rules: the validated config, the run's paths, the models it builds."""
 
 import os
+import signal
 from pathlib import Path
 
 import yaml
@@ -28,6 +29,30 @@ if not workflow.overwrite_configfiles:
 coerce_numbers(config)
 validate(config, "../schemas/config.schema.yaml")
 check_cross_fields(config)
+
+# Cluster jobs (remote: submitted by an executor such as SLURM) read nothing from the Hub: `dsmoe fetch
+# --config C`, run on the login node, filled the Hugging Face cache (dsmoe/fetch.py, docs/cluster.md).
+OFFLINE_JOBS = workflow.remote_exec and config["cluster"]["offline"]
+if OFFLINE_JOBS:
+
+    shell.prefix("set -euo pipefail; export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1; ")
+
+
+# In a cluster job, every snakemake process (the batch script's and the job step's, both parse this file)
+# ignores SIGUSR1, and so does the rule's shell (inherited): the profile's `--signal=USR1@SECONDS` and
+# `scancel --signal=USR1 JOB` reach the trainer, which installs its own handler, checkpoints and exits 75
+# (resubmit), instead of killing its parents first (docs/cluster.md: what SLURM sends where).
+if workflow.remote_exec:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def offline_check(*kinds):
+    """In a cluster job: `dsmoe fetch --check` of these kinds first, failing (on the job's stderr, its SLURM
+    log) before anything loads and naming what the cache lacks. Locally: nothing."""
+    if not OFFLINE_JOBS:
+        return ""
+    return f"dsmoe fetch --check --config {{params.config}} --only {' '.join(kinds)} >&2 && "
+
 
 RUN = config["run_name"]
 RESOURCES = f"resources/{RUN}"

@@ -13,4 +13,4 @@ rule data:
     conda:
         ENV
     shell:
-        "dsmoe data prepare --config {params.config} --model {input.model} --out {output.data} > {log} 2>&1"
+        offline_check("data") + "dsmoe data prepare --config {params.config} --model {input.model} --out {output.data} > {log} 2>&1"
