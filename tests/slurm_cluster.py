@@ -6,6 +6,16 @@ waits until the node is idle. It returns a `Cluster` whose `env` points SLURM_CO
 whose `stop()` ends only the daemons it started. Raises `SlurmUnavailable` with the reason when no
 cluster can be had.
 
+The node advertises what a GPU node of the workflow profile offers, so that the profile's requests
+are submitted as they are and accepted: `gpus` GPUs (GRES `gpu`), at least `cpus` CPUs and
+`memory_mb` of memory. SLURM 22.05's gres/gpu plugin drops a GPU without a device file ("Removing
+file-less GPU", then the node is INVAL: "gres/gpu count reported lower than configured"), so each
+stand-in GPU is a character device (1:3, what /dev/null is) made with mknod under the cluster's
+directory, listed in a gres.conf beside slurm.conf (AutoDetect=off). A job that gets GPUs sees
+CUDA_VISIBLE_DEVICES and runs on the CPU. CPUs and memory beyond the machine's come from
+`SlurmdParameters=config_overrides` (the node as configured, not as probed); memory is not a
+consumable here (CR_Core), so jobs asking for more than the machine has still run.
+
 The config is also linked at /etc/slurm/slurm.conf (removed again by `stop()`): the SLURM executor
 plugin strips SLURM_CONF before the `srun` inside each job, which then reads the default path. An
 existing /etc/slurm/slurm.conf (a real SLURM installation) is never touched: the cluster is refused.
@@ -14,6 +24,7 @@ existing /etc/slurm/slurm.conf (a real SLURM installation) is never touched: the
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -45,10 +56,12 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MpiDefault=none
+GresTypes=gpu
+SlurmdParameters=config_overrides
 ReturnToService=2
 MinJobAge=600
 SchedulerType=sched/backfill
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} Gres=gpu:{gpus} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -120,8 +133,21 @@ def start_munge(state):
     return _read_pid(pidfile), socket_path
 
 
-def start_cluster(workdir):
-    """Start munged, slurmctld and slurmd for this node; return a `Cluster` (call `.stop()`)."""
+def write_gres(state, host, gpus):
+    """gres.conf beside slurm.conf (slurmd reads it from there) with `gpus` stand-in device files."""
+    devices = state / "gpu-devices"
+    devices.mkdir(exist_ok=True)
+    for i in range(gpus):
+        path = devices / f"gpu{i}"
+        if not path.exists():
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    (state / "gres.conf").write_text(f"AutoDetect=off\nNodeName={host} Name=gpu File={devices}/gpu[0-{gpus - 1}]\n")
+
+
+def start_cluster(workdir, gpus=8, cpus=16, memory_mb=262144):
+    """Start munged, slurmctld and slurmd for this node; return a `Cluster` (call `.stop()`).
+
+    The node offers `gpus` stand-in GPUs, max(`cpus`, this machine's) CPUs, `memory_mb` MB."""
     if os.geteuid() != 0:
         raise SlurmUnavailable("starting slurmctld/slurmd as a test needs root")
     ensure_installed()
@@ -131,14 +157,15 @@ def start_cluster(workdir):
     for sub in ("ctld", "d"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     host = socket.gethostname().split(".")[0]
-    memory = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.9)
+    cpus = max(cpus, os.cpu_count())
     conf = state / "slurm.conf"
     cluster = Cluster(conf)
     try:
         munge_pid, munge_socket = start_munge(state)
         cluster.pids.append(munge_pid)
         # SLURM's auth/munge plugin finds munged through this option; default is /run/munge
-        conf.write_text(SLURM_CONF.format(host=host, state=state, cpus=os.cpu_count(), memory=memory,
+        write_gres(state, host, gpus)
+        conf.write_text(SLURM_CONF.format(host=host, state=state, cpus=cpus, memory=memory_mb, gpus=gpus,
                                           ctld_port=_free_port(), d_port=_free_port())
                         + f"AuthInfo=socket={munge_socket}\n")
         DEFAULT_CONF.parent.mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,15 @@
 
 import csv
 import re
+import shutil
 import socket
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import ENV, ROOT, snakemake
 from safetensors.torch import load_file
 from test_preempt import setup  # noqa: F401  (the tiny model, its data and run config)
@@ -55,7 +59,10 @@ def test_two_node_rendezvous_matches_one_node(setup, tmp_path):  # noqa: F811
 
 @pytest.mark.parametrize("configfile", ["paper-llama-3.2-1b.yaml", "paper-llama-2-7b.yaml"])
 def test_paper_dry_run_under_slurm_profile_gives_model_rules_gpu_and_nodes(configfile, tmp_path):
-    result = snakemake("--profile", "slurm", "--configfile", str(ROOT / "config" / configfile), "-n", workdir=tmp_path)
+    skip = tmp_path / "skip.yaml"  # storycloze_2016 needs CSV files downloaded by hand
+    skip.write_text("eval: {skip_tasks: [storycloze_2016]}\n")
+    result = snakemake("--profile", "slurm", "--configfile", str(ROOT / "config" / configfile), str(skip), "-n",
+                       workdir=tmp_path)
     jobs = re.findall(r"^rule (\w+):\n(?:.*\n)*?\s+resources: (.*)$", result.stdout, re.MULTILINE)
     seen = {rule for rule, _ in jobs}
     assert set(GPU_RULES) <= seen, seen
@@ -67,14 +74,202 @@ def test_paper_dry_run_under_slurm_profile_gives_model_rules_gpu_and_nodes(confi
         if rule in CPU_MODEL_RULES:
             assert fields.get("nodes") == "1", (rule, resources)
         if rule == "pretrain":
-            assert fields["slurm_extra"] == "--signal=B:USR1@600" and fields["runtime"] == "1440"
+            assert fields["slurm_extra"] == "--signal=USR1@600" and fields["runtime"] == "1440"
 
 
 def test_training_gpus_from_a_second_configfile_keep_other_rules_resources(tmp_path):
     extra = tmp_path / "gpus.yaml"
-    extra.write_text("cluster: {train_gpus: 16, train_nodes: 2}\n")
+    extra.write_text("cluster: {train_gpus: 16, train_nodes: 2}\neval: {skip_tasks: [storycloze_2016]}\n")
     result = snakemake("--profile", "slurm", "--configfile", str(ROOT / "config" / "paper-llama-3.2-1b.yaml"), str(extra),
                        "-n", "-p", workdir=tmp_path)
     assert "nodes=2, gres=gpu:8, mpi=srun, tasks=2" in result.stdout
     assert "srun --nodes=2 --ntasks-per-node=1" in result.stdout and "--rdzv_backend c10d" in result.stdout
     assert re.search(r"rule eval_ppl:\n(?:.*\n)*?\s+resources: .*gpu=1, nodes=1", result.stdout)
+    skip = tmp_path / "skip.yaml"  # the GPUs on the command line instead (integers coerced from strings)
+    skip.write_text("eval: {skip_tasks: [storycloze_2016]}\n")
+    on_command_line = snakemake("--profile", "slurm", "--configfile", str(ROOT / "config" / "paper-llama-3.2-1b.yaml"),
+                                str(skip), "-n", "--config", "cluster={train_gpus: 8}", workdir=tmp_path).stdout
+    assert re.search(r"rule pretrain:\n(?:.*\n)*?\s+resources: .*nodes=1, gpu=8", on_command_line)
+
+
+# ---------------------------------------------------------------- offline compute nodes: dsmoe fetch --check
+
+HUB_MODEL = "fake-org/tiny-llama"
+HUB_DATASET = "fake-org/tiny-text"
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cache_repo(hf_home, repo_id, files_from, repo_type="model"):
+    """A repository in the Hugging Face cache layout (hub/<type>s--org--name/refs/main, snapshots/<sha>/),
+    as `dsmoe fetch` (snapshot_download) leaves it; the Hub is never asked."""
+    repo = hf_home / "hub" / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(REVISION)
+    shutil.copytree(files_from, repo / "snapshots" / REVISION)
+    return repo
+
+
+@pytest.fixture
+def hub_cache(tmp_path, bpe_tokenizer):
+    """`(env, config_file)`: HF_HOME with a tiny Hub model and a Hub dataset cached, offline; a run config
+    reading both (the local lm-eval suite: no task dataset)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dsmoe.hub import save_model
+
+    hf_home = tmp_path / "hf"
+    config = LlamaConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    save_model(LlamaForCausalLM(config), bpe_tokenizer, tmp_path / "model")
+    cache_repo(hf_home, HUB_MODEL, tmp_path / "model")
+    (tmp_path / "dataset" / "data").mkdir(parents=True)
+    (tmp_path / "dataset" / "README.md").write_text("# tiny text\n")
+    (tmp_path / "dataset" / "data" / "train.jsonl").write_text(
+        "".join(f'{{"text": "document {i}: {"words " * (i + 3)}"}}\n' for i in range(40)))
+    cache_repo(hf_home, HUB_DATASET, tmp_path / "dataset", "dataset")
+    run = {"base_model": HUB_MODEL, "data": {"sources": [{"name": "web", "kind": "hf", "path": HUB_DATASET}]},
+           "eval": {"bench_suite": "local"}}
+    config_file = tmp_path / "hub.yaml"
+    config_file.write_text(yaml.safe_dump(run))
+    env = {**ENV, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return env, config_file
+
+
+def dsmoe_cli(*args, env):
+    return subprocess.run([sys.executable, "-m", "dsmoe.cli", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_fetch_check_passes_on_a_filled_cache_and_names_what_an_emptied_one_lacks(hub_cache, tmp_path):
+    env, config_file = hub_cache
+    result = dsmoe_cli("fetch", "--check", "--config", config_file, env=env)
+    assert result.returncode == 0 and "holds all 2 item(s)" in result.stdout, result.stderr[-2000:]
+    base = dsmoe_cli("base", "--config", config_file, "--out", tmp_path / "base", env=env)  # loads offline, from the cache
+    assert base.returncode == 0 and (tmp_path / "base" / "model.safetensors").is_file(), base.stderr[-2000:]
+
+    hf_home = Path(env["HF_HOME"]) / "hub"
+    snapshot = hf_home / f"models--{HUB_MODEL.replace('/', '--')}" / "snapshots" / REVISION
+    (snapshot / "model.safetensors").unlink()  # a download cut short
+    shutil.rmtree(hf_home / f"datasets--{HUB_DATASET.replace('/', '--')}")
+    result = dsmoe_cli("fetch", "--check", "--config", config_file, env=env)
+    assert result.returncode == 2  # the CLI's status for an expected error, printed in one line
+    assert f"model '{HUB_MODEL}': lacks model.safetensors" in result.stderr, result.stderr
+    assert f"data '{HUB_DATASET}': not in the cache" in result.stderr
+    assert f"dsmoe fetch --config {config_file}" in result.stderr
+
+
+def test_an_hf_source_streams_from_the_fetched_snapshot_offline(hub_cache, monkeypatch):
+    from huggingface_hub import constants
+
+    from dsmoe.data.sources import source_documents
+
+    env, _ = hub_cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(Path(env["HF_HOME"]) / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    documents, _ = source_documents({"name": "web", "kind": "hf", "path": HUB_DATASET, "shuffle_buffer": 100})
+    texts = list(documents)
+    assert len(texts) == 40 and all(text.startswith("document ") for text in texts)
+
+
+# ---------------------------------------------------------------- a real local SLURM with stand-in GPUs
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """One single-node SLURM for this module's tests (tests/slurm_cluster.py): 8 stand-in GPUs, 16 CPUs, 256 GB."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from slurm_cluster import SlurmUnavailable, start_cluster
+
+    try:
+        cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    except SlurmUnavailable as err:
+        pytest.skip(f"no local SLURM: {err}")
+    yield cluster
+    cluster.stop()
+
+
+def through_slurm(cluster, workdir, *args, env=None, **kwargs):
+    """`snakemake --profile slurm` with the real workflow profile (profiles/default), logging each sbatch call."""
+    env = {**cluster.env, "PATH": ENV["PATH"], **(env or {})}
+    return snakemake("--cores", "all", "--profile", "slurm", "--verbose", "--slurm-init-seconds-before-status-checks", "2",
+                     *args, workdir=workdir, env=env, **kwargs)
+
+
+def sbatch_calls(result):
+    """{rule: [sbatch call, ...]} from the plugin's debug log."""
+    calls = {}
+    for call in re.findall(r"sbatch call: (sbatch .*)", result.stdout + result.stderr):
+        rule = re.search(r"--comment '?rule_(\w+?)(?:_wildcards|'|\s)", call).group(1)
+        calls.setdefault(rule, []).append(call)
+    return calls
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_smoke_dag_through_slurm_with_the_real_profile(slurm, tmp_path):
+    """Every job of the smoke DAG is submitted with the workflow profile's own requests (GPUs, one node, runtime,
+    memory: nothing scaled down), accepted by a node that advertises them, and run on the CPU, offline."""
+    result = through_slurm(slurm, tmp_path, "--configfile", str(ROOT / "config" / "smoke.yaml"), timeout=1200)
+    calls = sbatch_calls(result)
+    print("\n".join(f"{rule}: {lines[0]}" for rule, lines in sorted(calls.items())))
+    assert set(GPU_RULES) - {"prune"} <= set(calls) and "prune" in calls
+    for rule, lines in calls.items():
+        for call in lines:
+            assert re.search(r" -t \d+", call), call
+            if rule in GPU_RULES:
+                assert "--gpus=1" in call and "--nodes=1" in call, call
+            if rule in CPU_MODEL_RULES:
+                assert "--nodes=1" in call and "--gpus" not in call, call
+    assert " -t 1440" in calls["pretrain"][0] and "--mem 128" in calls["pretrain"][0]
+    assert "--signal=USR1@600" in calls["pretrain"][0]
+    from conftest import assert_complete
+
+    assert_complete(tmp_path, ROOT / "config" / "smoke.yaml")
+    base_log = next((tmp_path / ".snakemake" / "slurm_logs" / "rule_base_model").rglob("*.log")).read_text()
+    assert "holds all 0 item(s)" in base_log  # the offline check ran in the job (HF_HUB_OFFLINE=1)
+
+
+def pretrain_job_id(cluster):
+    """The running pretrain job's id (the plugin's --comment names the rule)."""
+    out = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i %k"], env=cluster.env, capture_output=True, text=True).stdout
+    return next((line.split()[0] for line in out.splitlines() if "rule_pretrain" in line), None)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_preemption_through_slurm_resubmits_and_resumes_to_the_uninterrupted_model(slurm, tmp_path):
+    """`scancel --signal=USR1 JOB` mid-run (the path of the profile's --signal=USR1@600): the trainer, whose parents
+    in the job ignore USR1, checkpoints and exits 75; Snakemake resubmits; attempt 2 resumes and ends with the
+    model an uninterrupted run gives."""
+    import time
+
+    from test_preempt import assert_same_model, read_log
+
+    longer = tmp_path / "longer.yaml"  # 60 steps, a checkpoint every 2: time to signal mid-run
+    longer.write_text("train: {tokens: 7680, checkpoint_every: 2}\neval: {milestone_tokens: []}\n")
+    run_dir, target = tmp_path / "results" / "smoke" / "models" / "dsmoe", "results/smoke/models/dsmoe/model"
+    env = {**slurm.env, "PATH": ENV["PATH"]}
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+               "--cores", "all", "--profile", "slurm", "--slurm-init-seconds-before-status-checks", "2",
+               "--configfile", str(ROOT / "config" / "smoke.yaml"), str(longer), target]
+    head = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, job = time.time() + 600, None
+    while job is None or not ((run_dir / "train_log.csv").is_file() and len(read_log(run_dir)) >= 5):
+        assert head.poll() is None and time.time() < deadline, head.stdout.read()[-4000:] if head.poll() is not None else "slow"
+        job = job or pretrain_job_id(slurm)
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
+    output = head.communicate(timeout=600)[0]
+    assert head.returncode == 0, output[-4000:]
+    log = (tmp_path / "results" / "smoke" / "logs" / "pretrain" / "dsmoe.log").read_text()
+    assert "received SIGUSR1" in log and "resuming from" in log, log[-3000:]
+
+    whole = tmp_path / "whole"  # the same training, uninterrupted, outside SLURM
+    subprocess.run([sys.executable, "-m", "dsmoe.cli", "train", "--config", str(tmp_path / "results/smoke/config.yaml"),
+                    "--init", str(tmp_path / "results/smoke/init/dsmoe"), "--data", str(tmp_path / "resources/smoke/data"),
+                    "--variant", "dsmoe", "--out", str(whole)], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    assert_same_model(whole, run_dir)
+    before, after = read_log(whole), read_log(run_dir)
+    assert after[-1]["lm_loss"] == pytest.approx(before[-1]["lm_loss"], abs=1e-6)
+    print(f"\nscancel --signal=USR1 through SLURM: final lm_loss uninterrupted {before[-1]['lm_loss']:.6f}, "
+          f"preempted+resubmitted+resumed {after[-1]['lm_loss']:.6f}")

@@ -152,29 +152,5 @@ def test_interrupted_pretraining_resumes(smoke_run, tmp_path):
     assert {path: path.stat().st_mtime for path in upstream} == before
 
 
-@pytest.mark.slow
-@pytest.mark.slurm
-def test_smoke_end_to_end_through_slurm(tmp_path):
-    """`--profile slurm` against a real single-node SLURM started here (slurmctld, slurmd, munged).
-
-    The workflow profile's per-rule requests are sized for GPU nodes; this node has no GPU and a
-    few GB, so the test replaces them (--workflow-profile none) with small defaults."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from slurm_cluster import SlurmUnavailable, start_cluster
-
-    try:
-        cluster = start_cluster(tmp_path / "slurm")
-    except SlurmUnavailable as err:
-        pytest.skip(f"no local SLURM: {err}")
-    workdir = tmp_path / "run"
-    env = {**cluster.env, "PATH": ENV["PATH"]}
-    small = tmp_path / "cpu-cluster.yaml"  # rule pretrain's requests come from config `cluster`
-    small.write_text("cluster: {train_gpus: 0, train_mem_mb: 1000, train_runtime: 30}\n")
-    try:
-        snakemake("--cores", "all", "--profile", "slurm", "--configfile", str(SMOKE), str(small), "--workflow-profile", "none",
-                  "--default-resources", "mem_mb=1000", "runtime=30", "cpus_per_task=1",
-                  "--slurm-init-seconds-before-status-checks", "5", "--slurm-logdir", str(tmp_path / "slurm-logs"),
-                  workdir=workdir, env=env, timeout=2400)
-        assert_complete(workdir, SMOKE)
-    finally:
-        cluster.stop()
+# The smoke DAG through a real local SLURM with the real workflow profile (stand-in GPUs), and preemption
+# through it: tests/test_cluster.py (one cluster for all SLURM tests).

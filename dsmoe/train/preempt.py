@@ -1,8 +1,9 @@
 """Stopping a training job early and cleanly, so that the next job resumes where it stopped.
 
 A cluster job ends before the token budget is spent when its walltime runs out, when SLURM sends
-the signal asked for with `--signal=B:USR1@SECONDS` (the workflow profile's `slurm_extra`), when it
-is cancelled with `scancel --signal=USR1`, or when the node is preempted (SIGTERM, then SIGKILL after
+the signal asked for with `--signal=USR1@SECONDS` (the workflow profile's `slurm_extra`: to the job
+steps, whose snakemake processes ignore it; docs/cluster.md), when it is cancelled with
+`scancel --signal=USR1`, or when the node is preempted (SIGTERM, then SIGKILL after
 the cluster's KillWait). `StopRequest` turns each of these into one decision taken between two
 optimizer steps, the same on every rank: finish the current step, write a checkpoint, and leave with
 `Preempted` -> exit status `RESUBMIT_EXIT` (75, EX_TEMPFAIL: "try again").
