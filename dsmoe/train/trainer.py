@@ -104,7 +104,7 @@ class ProcessBatches:
                                                   train_config["batch_size"], train_config["seed"], start_step=start_step)
         self.per_process = train_config["batch_size"] // accelerator.num_processes
         self.first = accelerator.process_index * self.per_process
-        self.pin = accelerator.device.type == "cuda"
+        self.pin = getattr(getattr(accelerator, "device", None), "type", "cpu") == "cuda"
         self.taken = self.sampler.state()
         self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsmoe-data")
         self.ahead = self.reader.submit(self._read)
