@@ -27,7 +27,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 MARKER = "dsmoe_output.json"
-KINDS = ("model", "data", "pruned")
+KINDS = ("model", "data", "pruned", "tokenizer")
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname().split(".")[0]) or "host"
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

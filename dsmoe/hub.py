@@ -94,9 +94,36 @@ def resolve_dtype(name="auto"):
     return DTYPES[name]
 
 
+def tokenizer_cache_dir(path, gguf_file):
+    """Where the tokenizer read from a GGUF file is kept as tokenizer.json: under $DSMOE_CACHE (default
+    ~/.cache/dsmoe), named by the file's path, size and modification time."""
+    import hashlib
+
+    stat = (Path(path) / gguf_file).stat()
+    key = hashlib.sha256(f"{Path(path).resolve() / gguf_file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    root = os.environ.get("DSMOE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsmoe"
+    return Path(root) / "tokenizers" / f"{Path(gguf_file).stem}-{key[:16]}"
+
+
+def _gguf_tokenizer(path, gguf_file):
+    """A GGUF file's tokenizer; read once (parsing the GGUF takes seconds), then from its saved copy."""
+    cache = tokenizer_cache_dir(path, gguf_file)
+    if (cache / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(cache)
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    try:
+        with atomic_dir(cache, "tokenizer", overwrite=True) as tmp:
+            tokenizer.save_pretrained(tmp)
+    except OSError:  # a read-only home: the cache is only a speed-up
+        pass
+    return tokenizer
+
+
 def _load_tokenizer(name, path, gguf_file):
     _check_tokenizer_files(path, gguf_file)
     try:
+        if gguf_file:
+            return _gguf_tokenizer(path, gguf_file)
         return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
     except Exception as err:  # transformers raises OSError, ValueError, ImportError... for a missing or bad tokenizer
         where = "" if is_local(path) or gguf_file else " (no local directory of that name, so a Hugging Face id)"
