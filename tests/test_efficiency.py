@@ -107,3 +107,24 @@ def test_truncate_mode_padding_needs_no_attention_mask(monkeypatch):
     torch.testing.assert_close(without_mask, with_mask, rtol=1e-5, atol=1e-6)
     ids[1, 3] = data.PAD  # padding inside a row: the mask stays
     assert not step.trailing_padding_only(ids)
+
+
+def test_divergence_checks_read_back_only_when_flushed():
+    """Between log/checkpoint steps the checks stay on the device (no .item()); the next read-back stops
+    the run at the first failed step since the last one, naming it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dsmoe.train import TrainingDiverged
+    from dsmoe.train.divergence import DivergenceGuard
+
+    guard = DivergenceGuard(SimpleNamespace(scaler=None), [], None, vocab_size=96)
+    stats = [torch.tensor([2.0, 2.0, 0.0, 0.0]), torch.tensor([float("nan"), 2.0, 0.0, 0.0]), torch.tensor([3.0, 3.0, 0.0, 0.0])]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for step, row in enumerate(stats, start=1):
+            guard.check_step(step, row, torch.tensor(1.0), flush=False)
+    assert not [e for e in prof.key_averages() if e.key == "aten::_local_scalar_dense"]
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 2"):
+        guard.flush()
+    guard.check_step(4, stats[0], torch.tensor(float("inf")), flush=False)
+    with pytest.raises(TrainingDiverged, match="gradient norm is inf at step 4"):
+        guard.check_step(5, stats[0], torch.tensor(1.0), flush=True)

@@ -216,6 +216,12 @@ def setup(config, init, data_dir, out, variant, overwrite, resume, milestones=Fa
                dtype=resolve_dtype(config["dtype"]))
 
 
+def reads_back(step, tc, run):
+    """Whether `step` reads the divergence checks back to the host: a log, checkpoint or milestone step, the last."""
+    return (step % tc["log_every"] == 0 or step % tc["checkpoint_every"] == 0 or step == run.total_steps
+            or step in run.milestones)
+
+
 def log_host_memory(accelerator, when):
     """This process's peak resident host memory so far, in the log: FSDP's efficient loading shows in it."""
     import resource
@@ -242,7 +248,7 @@ def training_loop(run, stop=None):
         step_stats = accumulate_gradients(accelerator, run.model, run.batches.next_batch(), run.accumulation, layers,
                                           run.variant, lam, tc["load_balancing_coef"])
         grad_norm = clip_gradients(accelerator, run.model, tc["grad_clip"])
-        guard.check_step(step + 1, step_stats, grad_norm)
+        guard.check_step(step + 1, step_stats, grad_norm, flush=reads_back(step + 1, tc, run))
         optimizer_step(run.optimizer, run.scheduler, run.masked_params)
         step += 1
         bar.update(1)
@@ -259,6 +265,7 @@ def training_loop(run, stop=None):
             state = {"step": step, "fingerprint": run.fingerprint, "variant": run.variant, "sparsity_lambda": lam,
                      "lambda_control": control.state_dict() if control else None,
                      "data_position": run.batches.position(), "tokens": step * run.tokens_per_step}
+            guard.flush()  # a preemption's checkpoint may come between two read-backs
             guard.check_weights(run.model, step)
             guard.saved(save_checkpoint(accelerator, run.out, step, state, tc["keep_checkpoints"]))
         if stopping:
