@@ -50,8 +50,11 @@ cpu-study: $(STAMP)
 		--configfile config/cpu-study.yaml --keep-going --rerun-incomplete --prioritize $(STUDY_FIRST) \
 		--set-threads $(foreach r,$(STUDY_RULES),$(r)=1)
 
+# One pytest-xdist worker per core (tests/conftest.py: one thread each; the smoke run's and the local
+# SLURM's tests each stay on one worker). TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= $(CORES)
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 # On a GPU node: its own virtualenv with PyPI's (CUDA) torch, then one report in under 10 minutes on one
 # H100, offline (benchmarks/gpu_check.py, docs/gpu.md): the CUDA tests, a random Llama-3.2-1B-shaped DSMoE

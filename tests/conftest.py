@@ -15,7 +15,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# `make test` runs the suite on 2 pytest-xdist workers (one per core), each of 1 thread: two torch
+# processes of 2 threads each on 2 cores run several times slower than one. Tests that share the
+# smoke run, and the ones that start the local SLURM, stay on one worker each (--dist loadgroup).
+SMOKE_FIXTURES = {"smoke_run", "smoke_results"}
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"  # the processes the tests start, too
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SMOKE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("smoke"))
+        elif "slurm" in item.keywords:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

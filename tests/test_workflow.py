@@ -16,27 +16,26 @@ from conftest import ENV, LOCAL_SMOKE_ARGS, ROOT, SMOKE, assert_complete, snakem
 CONFIGS = sorted((ROOT / "config").glob("*.yaml"))
 
 
+def files_under(directory):
+    return {path.relative_to(directory) for path in Path(directory).rglob("*") if not path.is_dir()}
+
+
+def assert_parsing_wrote_no_file(workdir):
+    """Nothing is written when the Snakefile is parsed: the run config is written when a run starts.
+
+    Snakemake itself writes only under .snakemake/ (a dry run: its I/O cache; --lint: its log)."""
+    written = files_under(workdir)
+    assert all(path.parts[0] == ".snakemake" for path in written), sorted(written)
+    assert not files_under(Path(workdir) / ".snakemake" / "metadata"), "a job was recorded"
+
+
 @pytest.mark.parametrize("configfile", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_dry_run(configfile, tmp_path):
     result = snakemake("--configfile", str(configfile), "-n", "--quiet", "rules", workdir=tmp_path)
     for rule in ("base_model", "data", "convert", "pretrain", "eval_ppl", "lm_eval", "tau_sweep",
                  "eval_milestones", "prune", "drop_sweep", "collect", "notebook_tables", "notebook_explorer"):
         assert rule in result.stdout, f"{configfile.name}: rule {rule} not planned"
-
-
-def files_under(directory):
-    return {path.relative_to(directory) for path in Path(directory).rglob("*") if not path.is_dir()}
-
-
-@pytest.mark.parametrize("args", [["-n"], ["--lint"]], ids=["dry_run", "lint"])
-def test_parsing_writes_no_file(args, tmp_path):
-    """Nothing is written when the Snakefile is parsed: the run config is written when a run starts.
-
-    Snakemake itself writes only under .snakemake/ (a dry run: its I/O cache; --lint: its log)."""
-    snakemake("--configfile", str(SMOKE), *args, workdir=tmp_path)
-    written = files_under(tmp_path)
-    assert all(path.parts[0] == ".snakemake" for path in written), sorted(written)
-    assert not files_under(tmp_path / ".snakemake" / "metadata"), "a job was recorded"
+    assert_parsing_wrote_no_file(tmp_path)
 
 
 def test_default_config_is_used_without_configfile(tmp_path):
@@ -45,9 +44,10 @@ def test_default_config_is_used_without_configfile(tmp_path):
     assert result.returncode != 0 and "config/config.yaml" in result.stderr + result.stdout
 
 
-def test_lint():
-    result = snakemake("--lint", "--configfile", str(SMOKE))
+def test_lint(tmp_path):
+    result = snakemake("--lint", "--configfile", str(SMOKE), workdir=tmp_path)
     assert "Congratulations" in result.stdout + result.stderr
+    assert_parsing_wrote_no_file(tmp_path)
 
 
 def test_dag_renders(tmp_path):
@@ -55,7 +55,7 @@ def test_dag_renders(tmp_path):
     assert dot.lstrip().startswith("digraph") and "pretrain" in dot and "notebook_tables" in dot
 
 
-@pytest.mark.parametrize("bad, words", [
+BAD_CONFIGS = [
     ("train: {lr: fast}", ["lr", "number"]),
     ("dsmoe: {tau: 1.5}", ["tau", "1.5"]),
     ("variants: [dsmoe, moe]", ["variants", "moe"]),
@@ -65,15 +65,41 @@ def test_dag_renders(tmp_path):
     ("train: {batch_size: 6, micro_batch_size: 4}", ["train.batch_size", "micro_batch_size=4"]),
     ("data: {seq_len: 32, sources: [{name: stdlib-code, kind: builtin}, {name: stdlib-code, kind: builtin}]}",
      ["data.sources[1].name", "unique"]),
-])
-def test_bad_config_stops_before_any_job(tmp_path, bad, words):
+]
+
+
+def bad_config(tmp_path, bad):
     config = tmp_path / "bad.yaml"
     config.write_text(SMOKE.read_text() + "\n" + bad + "\n")
-    result = snakemake("--configfile", str(config), "-n", workdir=tmp_path, check=False)
+    return config
+
+
+@pytest.mark.parametrize("bad, words", [BAD_CONFIGS[0], BAD_CONFIGS[3]], ids=["schema", "cross_fields"])
+def test_bad_config_stops_the_workflow_before_any_job(tmp_path, bad, words):
+    result = snakemake("--configfile", str(bad_config(tmp_path, bad)), "-n", workdir=tmp_path, check=False)
     message = result.stdout + result.stderr
     assert result.returncode != 0
     assert all(word in message for word in words), message[-3000:]
     assert not (tmp_path / "resources").exists()
+
+
+@pytest.mark.parametrize("bad, words", BAD_CONFIGS)
+def test_bad_config_is_refused_by_the_workflows_checks(tmp_path, bad, words):
+    """The checks common.smk runs when the Snakefile is parsed (the test above shows they stop it), in
+    the same order on the same YAML, in this process: each bad config gets a message naming its key."""
+    import yaml
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    from dsmoe.config import check_cross_fields, coerce_numbers
+
+    config = yaml.safe_load(bad_config(tmp_path, bad).read_text())
+    with pytest.raises((WorkflowError, ValueError)) as raised:
+        coerce_numbers(config)
+        validate(config, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+        check_cross_fields(config)
+    message = str(raised.value) + "".join(str(a) for a in getattr(raised.value, "args", ()))
+    assert all(word in message for word in words), message[-3000:]
 
 
 def test_exponent_float_in_configfile(tmp_path):
