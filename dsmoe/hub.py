@@ -94,29 +94,51 @@ def resolve_dtype(name="auto"):
     return DTYPES[name]
 
 
-def tokenizer_cache_dir(path, gguf_file):
-    """Where the tokenizer read from a GGUF file is kept as tokenizer.json: under $DSMOE_CACHE (default
-    ~/.cache/dsmoe), named by the file's path, size and modification time."""
+def gguf_cache_dir(path, gguf_file, part):
+    """Where what was read from a GGUF file (`part`: tokenizer or model) is kept in transformers' own
+    format: under $DSMOE_CACHE (default ~/.cache/dsmoe), named by the file's path, size and mtime.
+    Parsing the GGUF (and dequantizing its weights) takes seconds to minutes; the copy loads in one."""
     import hashlib
 
     stat = (Path(path) / gguf_file).stat()
     key = hashlib.sha256(f"{Path(path).resolve() / gguf_file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
     root = os.environ.get("DSMOE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsmoe"
-    return Path(root) / "tokenizers" / f"{Path(gguf_file).stem}-{key[:16]}"
+    return Path(root) / "gguf" / f"{Path(gguf_file).stem}-{key[:16]}" / part
+
+
+def _cached(cache, kind, read, load_copy):
+    """`load_copy(cache)` if the copy is there; else `read()`, saved to `cache` (atomically) and returned.
+    A cache that cannot be written (a read-only home) only costs time."""
+    if (cache / "dsmoe_output.json").is_file():
+        return load_copy(cache)
+    loaded = read()
+    try:
+        with atomic_dir(cache, kind, overwrite=True) as tmp:
+            loaded.save_pretrained(tmp)
+    except OSError:
+        return loaded
+    return load_copy(cache)
 
 
 def _gguf_tokenizer(path, gguf_file):
-    """A GGUF file's tokenizer; read once (parsing the GGUF takes seconds), then from its saved copy."""
-    cache = tokenizer_cache_dir(path, gguf_file)
-    if (cache / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(cache)
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
-    try:
-        with atomic_dir(cache, "tokenizer", overwrite=True) as tmp:
-            tokenizer.save_pretrained(tmp)
-    except OSError:  # a read-only home: the cache is only a speed-up
-        pass
-    return tokenizer
+    return _cached(gguf_cache_dir(path, gguf_file, "tokenizer"), "tokenizer",
+                   lambda: AutoTokenizer.from_pretrained(path, gguf_file=gguf_file), AutoTokenizer.from_pretrained)
+
+
+def _gguf_model(name, path, gguf_file, dtype, kwargs):
+    """The GGUF model dequantized to fp32 (kept as safetensors), loaded in `dtype`."""
+
+    def read():
+        model = _load_weights(name, path, gguf_file, torch.float32, {})
+        model.config.quantization_config = None  # dequantized: the weights are no longer GGUF-quantized
+        del model.config.quantization_config
+        model.hf_quantizer, model.is_quantized = None, False
+        return model
+
+    model = _cached(gguf_cache_dir(path, gguf_file, "model"), "model", read,
+                    lambda cache: _load_weights(name, cache, None, dtype, kwargs))
+    model.config.name_or_path = name
+    return model
 
 
 def _load_tokenizer(name, path, gguf_file):
@@ -168,13 +190,10 @@ def load_model(name, dtype=None, tokenizer=True, **kwargs):
     path, gguf_file = resolve_model(name)
     _check_local_path(path, gguf_file)
     loaded_tokenizer = _load_tokenizer(name, path, gguf_file) if tokenizer else None
-    model = _load_weights(name, path, gguf_file, dtype, kwargs)
-    if gguf_file is not None:  # dequantized to fp32: the weights are no longer GGUF-quantized
-        model.config.quantization_config = None
-        del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
-        model.config.name_or_path = name
+    if gguf_file is not None:
+        model = _gguf_model(name, path, gguf_file, dtype, kwargs)
+    else:
+        model = _load_weights(name, path, gguf_file, dtype, kwargs)
     if loaded_tokenizer is not None and loaded_tokenizer.pad_token is None:
         loaded_tokenizer.pad_token = loaded_tokenizer.eos_token
     return model, loaded_tokenizer
