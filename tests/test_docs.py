@@ -1,6 +1,6 @@
-"""The README and docs/: every relative link reaches a file (and a heading, for `#anchor` links), the README
-stays a short front page that starts with `make demo` and `make test`, and the results tables copied into
-the docs are the committed ones. Plain text checks: no torch, no model."""
+"""The README, docs/ and the READMEs beside the code: every relative link reaches a file (and a heading,
+for `#anchor` links), the README stays a short front page that starts with `make demo` and `make test`,
+and the results tables copied into the docs are the committed ones. Plain text checks: no torch, no model."""
 
 import re
 import unicodedata
@@ -13,9 +13,13 @@ TABLES = ROOT / "results" / "cpu-study" / "tables"
 README_MAX_LINES = 200
 
 
+# Other READMEs that link into the docs, checked too so that a moved page or heading shows up here.
+LINKED_READMES = ("config/README.md", "benchmarks/README.md", "results/cpu-study/README.md")
+
+
 def doc_files(root=ROOT):
-    files = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
-    return [f for f in files + [root / "config" / "README.md"] if f.is_file()]
+    files = [root / "README.md", *sorted((root / "docs").glob("*.md")), *(root / name for name in LINKED_READMES)]
+    return [f for f in files if f.is_file()]
 
 
 FENCE = re.compile(r"^\s*(```|~~~)")
