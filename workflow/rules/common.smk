@@ -266,3 +266,29 @@ def all_outputs():
 
 
 report: "../report/workflow.rst"
+
+
+def bench_task_names():
+    """The lm-eval tasks of the lm_eval jobs: eval.bench_tasks or the suite's, less eval.skip_tasks."""
+    from dsmoe.evaluation.harness import SUITES
+
+    names = config["eval"]["bench_tasks"] or list(SUITES[config["eval"]["bench_suite"]])
+    return [name for name in names if name not in config["eval"]["skip_tasks"]]
+
+
+def bench_task_flags():
+    """--tasks when the tasks are not the suite's; --storycloze-dir from eval.storycloze_dir."""
+    from dsmoe.evaluation.harness import STORYCLOZE_ENV, STORYCLOZE_TASK, storycloze_files
+
+    names, flags = bench_task_names(), []
+    if config["eval"]["bench_tasks"] or config["eval"]["skip_tasks"]:
+        flags.append("--tasks " + " ".join(names))
+    storycloze_dir = config["eval"]["storycloze_dir"] or os.environ.get(STORYCLOZE_ENV)
+    if STORYCLOZE_TASK in names:
+        if not storycloze_dir:  # before any job: not an hour into the evaluation
+            raise ValueError(f"the lm-eval tasks include {STORYCLOZE_TASK}, which needs the official Story Cloze 2016 "
+                             "CSV files (downloaded by hand): set eval.storycloze_dir to their directory, or leave the "
+                             f"task out with eval.skip_tasks: [{STORYCLOZE_TASK}]")
+        storycloze_files(storycloze_dir)
+        flags.append(f"--storycloze-dir '{storycloze_dir}'")
+    return " ".join(flags)
