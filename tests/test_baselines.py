@@ -167,7 +167,7 @@ def test_drop_layer_matches_plain_reference(rule, threshold):
 
 def test_drop_activated_params_table1_rule():
     model = partition_for_drop(tiny_llama(), n_experts=4)
-    set_threshold(model, 0.3)
+    set_threshold(model, 0.2)  # below 1/n (issue 28)
     with DropRecorder(model) as recorder:
         model(input_ids=tokens())
     report = recorder.report()
@@ -322,11 +322,11 @@ def test_cli_prune_and_drop(tmp_path, smollm2_tokenizer):
                  "--data", str(data), "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
     csv = tmp_path / "drop.csv"
-    assert main(["baseline", "drop", "--model", str(model_dir), "--data", str(data), "--thresholds", "0", "0.3",
+    assert main(["baseline", "drop", "--model", str(model_dir), "--data", str(data), "--thresholds", "0", "0.2",
                  "--n-experts", "4", "--out", str(csv)]) == 0
     import pandas as pd
 
     df = pd.read_csv(csv)
-    assert list(df.threshold) == [0.0, 0.3]
+    assert list(df.threshold) == [0.0, 0.2]
     assert df.activated_params_pct[0] == pytest.approx(100.0) and df.mean_active_experts[0] == 4.0
     assert df.activated_params_pct[1] < 100.0 and {"ppl_code", "ppl_prose", "ppl_all"} <= set(df.columns)

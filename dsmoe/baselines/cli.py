@@ -14,19 +14,35 @@ from ..names import PRUNE_KINDS
 def cmd_drop(args):
     from ..data import load_validation
     from ..hub import load_model
-    from .drop import check_rule, check_threshold, drop_sweep, partition_for_drop
+    from ..model import check_n_experts
+    from .drop import check_keep_experts, check_rule, check_threshold, drop_sweep, partition_for_drop
 
     check_rule(args.rule)
-    for threshold in args.thresholds:
-        check_threshold(threshold)
+    check_n_experts(args.n_experts)
+    settings = check_drop_settings(args, check_keep_experts, check_threshold)
     check_output_file(args.out)
     validation = load_validation(args.data)
     model, _ = load_model(args.model, tokenizer=False)
     partition_for_drop(model, args.n_experts, rule=args.rule)
     label = args.label or Path(args.model.rstrip("/")).name
-    df = drop_sweep(model, validation, args.thresholds, label, args.batch_size, args.max_sequences)
+    df = drop_sweep(model, validation, settings, label, args.batch_size, args.max_sequences)
     write_csv(df, args.out)
     print(df.to_string(index=False))
+
+
+def check_drop_settings(args, check_keep_experts, check_threshold):
+    """The sweep's settings, checked before any work: K values for rule topk, thresholds for the others."""
+    if args.rule == "topk":
+        if args.thresholds is not None or not args.keep_experts:
+            raise ValueError("--rule topk takes --keep-experts K [K ...] and no --thresholds")
+        for k in args.keep_experts:
+            check_keep_experts(k, args.n_experts)
+        return args.keep_experts
+    if args.keep_experts is not None or not args.thresholds:
+        raise ValueError(f"--rule {args.rule} takes --thresholds T [T ...] and no --keep-experts (that is --rule topk)")
+    for threshold in args.thresholds:
+        check_threshold(threshold, args.rule, args.n_experts)
+    return args.thresholds
 
 
 def cmd_prune(args):
@@ -67,20 +83,25 @@ def register(subparsers):
     baseline = subparsers.add_parser("baseline", help="training-free drop sweep and static pruning baselines")
     commands = baseline.add_subparsers(dest="baseline_command", required=True, metavar="BASELINE")
 
-    p = commands.add_parser("drop", help="partition each FFN into experts and drop low-importance experts per token")
+    p = commands.add_parser("drop", help="partition each FFN into experts and keep each token's largest expert outputs "
+                                         "(training-free reference)")
     p.add_argument("--model", required=True, help="dense causal LM: short name or directory")
     p.add_argument("--data", required=True, help="`dsmoe data prepare` directory (validation sets)")
-    p.add_argument("--thresholds", type=float, nargs="+", required=True,
-                   help="drop thresholds >= 0 on ||o_i|| / ||sum_j o_j|| (0 = the dense model)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=None,
+                   help="rules expert and cumulative: thresholds >= 0 on ||o_i|| / ||sum_j o_j|| (0 = the dense model); "
+                        "rule expert refuses thresholds >= 1/n (they drop whole FFNs), cumulative thresholds > 1")
+    p.add_argument("--keep-experts", type=int, nargs="+", default=None, metavar="K",
+                   help="rule topk: each token keeps its K experts of largest ||o_i||; one row per K in [1, n]")
     p.add_argument("--n-experts", type=int, default=schema_default("dsmoe.n_experts"),
                    help="experts per FFN; must divide the intermediate size (default %(default)s)")
     p.add_argument("--rule", default="expert",
-                   help="expert: drop each expert below the threshold (default); cumulative: drop the smallest experts "
-                        "while their summed ratios stay below the threshold (bounds the FFN's relative error)")
+                   help="topk: keep each token's K largest experts (--keep-experts); expert: drop each expert below the "
+                        "threshold (default); cumulative: drop the smallest experts while their summed ratios stay "
+                        "below the threshold (bounds the FFN's relative error)")
     p.add_argument("--batch-size", type=int, default=8, help="validation sequences per forward (default 8)")
     p.add_argument("--max-sequences", type=int, default=None, help="cap on validation sequences per source")
     p.add_argument("--label", default=None, help="value of the model column (default: the model directory's name)")
-    p.add_argument("--out", required=True, help="output CSV: one row per threshold (written atomically)")
+    p.add_argument("--out", required=True, help="output CSV: one row per threshold or K (written atomically)")
     p.set_defaults(func=cmd_drop)
 
     p = commands.add_parser("prune", help="static pruning: sparsegpt, llm_pruner_channel, llm_pruner_block (the paper's rows), "

@@ -1,0 +1,137 @@
+"""The training-free drop baseline's per-token top-k rule (issue 28), against a brute-force reference,
+and the threshold rules' refusal of thresholds that drop whole FFNs."""
+
+import copy
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dsmoe.baselines.drop import (DropRecorder, PartitionedDropMLP, partition_for_drop, set_keep_experts,
+                                  set_threshold)
+
+
+def tiny_llama(seed=0, layers=2):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(config).double().eval()
+
+
+def brute_force_topk(x, mlp, n, k):
+    """Per token: every expert's o_i = (silu(x W_i) * x U_i) V_i, keep the k of largest norm, sum them."""
+    w_gate, w_up, w_down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    e = w_gate.shape[0] // n
+    out = torch.zeros_like(x)
+    kept = torch.zeros(x.shape[0], n, dtype=torch.bool)
+    for t in range(x.shape[0]):
+        outputs = []
+        for i in range(n):
+            rows = slice(i * e, (i + 1) * e)
+            outputs.append((F.silu(x[t] @ w_gate[rows].T) * (x[t] @ w_up[rows].T)) @ w_down[:, rows].T)
+        norms = [float(o.norm()) for o in outputs]
+        for i in sorted(range(n), key=lambda i: (-norms[i], i))[:k]:
+            out[t] += outputs[i]
+            kept[t, i] = True
+    return out, kept
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+@pytest.mark.parametrize("n, k", [(8, 1), (8, 3), (8, 5), (4, 2)])
+def test_topk_equals_brute_force_float64(seed, n, k):
+    mlp = tiny_llama(seed).model.layers[1].mlp
+    layer = PartitionedDropMLP.from_dense(mlp, n, rule="topk", keep_experts=k)
+    x = torch.randn(7, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        got = layer(x)
+        expected, kept = brute_force_topk(x, mlp, n, k)
+    assert torch.equal(layer.last_active, kept)
+    assert (layer.last_active.sum(-1) == k).all()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)  # float64: equal up to summation order
+
+
+def test_topk_all_experts_is_dense_and_recorded():
+    dense = tiny_llama()
+    ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(1))
+    expected = dense(input_ids=ids).logits
+    model = partition_for_drop(copy.deepcopy(dense), n_experts=8, rule="topk", keep_experts=8)
+    with DropRecorder(model) as recorder:
+        got = model(input_ids=ids).logits
+    assert torch.equal(got, expected)
+    assert recorder.report()["mean_active_experts"] == [8.0, 8.0]
+    set_keep_experts(model, 3)
+    with DropRecorder(model) as recorder:
+        model(input_ids=ids)
+    assert recorder.report()["mean_active_experts"] == [3.0, 3.0]
+    assert recorder.report()["activated_params_pct"] < 100.0
+
+
+@pytest.mark.parametrize("k", [0, -1, 9, 2.5, True])
+def test_topk_k_out_of_range_refused(k):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="keep_experts"):
+        partition_for_drop(model, 8, rule="topk", keep_experts=k)
+    assert not isinstance(model.model.layers[0].mlp, PartitionedDropMLP)
+    model = partition_for_drop(tiny_llama(), 8, rule="topk")
+    with pytest.raises(ValueError, match="keep_experts"):
+        set_keep_experts(model, k)
+    assert all(m.keep_experts == 8 for m in model.modules() if isinstance(m, PartitionedDropMLP))
+
+
+@pytest.mark.parametrize("n, threshold", [(8, 0.125), (8, 0.3), (4, 0.25), (4, 0.4)])
+def test_expert_rule_refuses_thresholds_at_or_above_one_over_n(n, threshold):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="1/n"):
+        partition_for_drop(model, n, threshold, "expert")
+    assert not isinstance(model.model.layers[0].mlp, PartitionedDropMLP)
+    model = partition_for_drop(tiny_llama(), n, 0.0, "expert")
+    with pytest.raises(ValueError, match="1/n"):
+        set_threshold(model, threshold)
+    set_threshold(model, 0.9 / n)  # below 1/n: accepted
+    with pytest.raises(ValueError, match="above 1"):
+        partition_for_drop(tiny_llama(), n, 1.5, "cumulative")
+
+
+def write_data(root, seq_len=8):
+    rng = np.random.default_rng(0)
+    sources = {}
+    for name in ("code", "prose"):
+        (root / name).mkdir(parents=True)
+        np.save(root / name / "train.npy", rng.integers(0, 128, 500, dtype=np.int32))
+        np.save(root / name / "val.npy", rng.integers(0, 128, (3, seq_len), dtype=np.int32))
+        sources[name] = {"train_tokens": 500, "val_sequences": 3, "weight": 0.5}
+    (root / "manifest.json").write_text(json.dumps({"seq_len": seq_len, "tokenizer": "x", "sources": sources}))
+    return root
+
+
+def test_cli_topk_one_row_per_k(tmp_path, smollm2_tokenizer):
+    from dsmoe.cli import main
+
+    data = write_data(tmp_path / "data")
+    model_dir = tmp_path / "tiny"
+    tiny_llama().float().save_pretrained(model_dir)
+    smollm2_tokenizer.save_pretrained(model_dir)
+    csv = tmp_path / "drop.csv"
+    assert main(["baseline", "drop", "--model", str(model_dir), "--data", str(data), "--rule", "topk",
+                 "--keep-experts", "8", "5", "2", "--out", str(csv)]) == 0
+    df = pd.read_csv(csv)
+    assert list(df.keep_experts) == [8, 5, 2] and df.threshold.isna().all() and set(df.rule) == {"topk"}
+    assert list(df.mean_active_experts) == pytest.approx([8.0, 5.0, 2.0])
+    assert df.activated_params_pct[0] == pytest.approx(100.0) and df.activated_params_pct.is_monotonic_decreasing
+    assert list(df.columns[:4]) == ["model", "variant", "rule", "threshold"]
+    assert {"ppl_code", "ppl_prose", "ppl_all", "tokens", "total_params", "activated_params", "activated_params_pct",
+            "mean_active_experts"} <= set(df.columns)
+    dense = main(["baseline", "drop", "--model", str(model_dir), "--data", str(data), "--thresholds", "0", "--n-experts", "8",
+                  "--out", str(tmp_path / "dense.csv")])
+    assert dense == 0 and pd.read_csv(tmp_path / "dense.csv").ppl_all[0] == pytest.approx(df.ppl_all[0], rel=1e-6)
+    for bad in (["--rule", "topk", "--keep-experts", "0"], ["--rule", "topk", "--keep-experts", "9"],
+                ["--rule", "topk", "--thresholds", "0.1"], ["--thresholds", "0.2"], ["--keep-experts", "3"]):
+        out = tmp_path / "bad.csv"
+        assert main(["baseline", "drop", "--model", str(model_dir), "--data", str(data), *bad, "--out", str(out)]) == 2
+        assert not out.exists()
+    assert math.isfinite(df.ppl_all[2])
