@@ -25,6 +25,11 @@ LOG_ONLY_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "micro_bat
 def run_fingerprint(config, variant, manifest, model):
     """What makes two runs the same run: training settings, data, variant and the init model's shape."""
     train = {k: v for k, v in config["train"].items() if k not in LOG_ONLY_KEYS}
+    # the recipe options of issue 28 enter only when on: runs from before them keep their fingerprint
+    if not train.get("gate_warmup_steps"):
+        train.pop("gate_warmup_steps", None)
+    if not (train.get("distill") or {}).get("weight"):
+        train.pop("distill", None)
     init = {"model_type": model.config.model_type, "params": sum(p.numel() for p in model.parameters()),
             "n_experts": getattr(model.config, "n_experts", None), "tau": getattr(model.config, "tau", None)}
     spec = {"train": train, "variant": variant, "data": manifest["fingerprint"], "init": init}

@@ -48,11 +48,13 @@ class TrainLog:
     def add(self, step_stats):
         self.interval.append(step_stats)  # on the device: read back once per row, in `write`
 
-    def write(self, step, lam, lr):
-        """Write the row of the interval ending at `step`, trained with `lam` and learning rate `lr`."""
+    def write(self, step, lam, lr, extra=None):
+        """Write the row of the interval ending at `step`, trained with `lam` and learning rate `lr`;
+        `extra` adds columns (the distillation term when `train.distill` is on)."""
         elapsed, self.tick = time.perf_counter() - self.tick, time.perf_counter()
         row = log_row(step, step * self.tokens_per_step, torch.stack(self.interval).mean(0).cpu(), self.layers, lam, lr,
                       len(self.interval) * self.tokens_per_step / elapsed)
+        row.update(extra or {})
         self.interval = []
         if self.path is not None:
             self.append_csv(row)

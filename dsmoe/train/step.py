@@ -55,7 +55,7 @@ def param_groups(model, weight_decay, gate_lr=None):
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if gate_lr is not None and ".mlp.gate." in name:
+        if gate_lr is not None and is_gate_parameter(name):
             gates.append(param)
         else:
             (decay if param.dim() >= 2 else no_decay).append(param)
@@ -100,8 +100,9 @@ def trailing_padding_only(input_ids):
     return bool((pad[:, 1:] >= pad[:, :-1]).all())  # once padding, padding to the end
 
 
-def micro_batch_loss(model, input_ids, variant, lam, balance_coef, device=None):
-    """Forward one micro-batch: the loss to minimise and its terms `[loss, lm, sparsity, balance]` (detached).
+def micro_batch_loss(model, input_ids, variant, lam, balance_coef, device=None, distill=None):
+    """Forward one micro-batch: the loss to minimise and its terms `[loss, lm, sparsity, balance]` (detached),
+    then the distillation term when `distill` (distill.Distill) is given.
 
     `input_ids` on the CPU and a `device`: the padding test runs on the host (no device sync), the
     inputs are then copied (non-blocking from pinned memory)."""
@@ -113,12 +114,18 @@ def micro_batch_loss(model, input_ids, variant, lam, balance_coef, device=None):
         # causal attention alone keeps every real token from the padding after it: no mask, so attention
         # takes its causal (flash) kernel; padding stays out of the loss (labels) and of the auxiliary terms
         inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
-    lm_loss = model(**inputs, use_cache=False).loss
+    output = model(**inputs, use_cache=False)
+    lm_loss = output.loss
     sparse, balance = auxiliary_losses(model, variant, token_mask)
     sparse = lm_loss.new_zeros(()) if sparse is None else sparse
     balance = lm_loss.new_zeros(()) if balance is None else balance
     loss = lm_loss + lam * sparse + balance_coef * balance
-    return loss, torch.stack([loss, lm_loss, sparse, balance]).detach().float()
+    terms = [lm_loss, sparse, balance]
+    if distill is not None:
+        kd = distill.term(output.logits, {**inputs, "attention_mask": token_mask})
+        loss = loss + distill.weight * kd
+        terms.append(kd)
+    return loss, torch.stack([loss, *terms]).detach().float()
 
 
 def mean_active_experts(layers):
@@ -140,18 +147,32 @@ def active_fraction(per_layer_active, layers):
     return float(np.mean([k / layer.n_experts for k, layer in zip(per_layer_active, layers)]))
 
 
-def accumulate_gradients(accelerator, model, input_ids, accumulation, layers, variant, lam, balance_coef):
-    """Forward and backward this process's batch in `accumulation` micro-batches; return the step statistics.
+def accumulate_gradients(accelerator, model, input_ids, accumulation, layers, variant, lam, balance_coef, distill=None):
+    """Forward and backward this process's batch in `accumulation` micro-batches; return the step statistics
+    (with `distill`, its term appended after the per-layer active experts).
 
     Gradients are synchronised across processes on the last micro-batch only."""
-    step_stats = torch.zeros(4 + len(layers), device=accelerator.device)
+    step_stats = torch.zeros(4 + len(layers) + (distill is not None), device=accelerator.device)
     for k, ids in enumerate(input_ids.chunk(accumulation)):  # on the host: see micro_batch_loss
         sync = k == accumulation - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            loss, terms = micro_batch_loss(model, ids, variant, lam, balance_coef, accelerator.device)
+            loss, terms = micro_batch_loss(model, ids, variant, lam, balance_coef, accelerator.device, distill)
             accelerator.backward(loss / accumulation)
-        step_stats += torch.cat([terms, mean_active_experts(layers).to(terms.device)]) / accumulation
+        step_stats += torch.cat([terms[:4], mean_active_experts(layers).to(terms.device), terms[4:]]) / accumulation
     return accelerator.reduce(step_stats, "mean")
+
+
+def is_gate_parameter(name):
+    """A router parameter: DSMoE's gate Y, or LLaMA-MoE's noisy gate (named as in `param_groups`)."""
+    return ".mlp.gate." in name
+
+
+def gate_only_gradients(model):
+    """Gate warm-up (`train.gate_warmup_steps`): drop every gradient but the gates', so the optimizer
+    leaves the other parameters untouched (AdamW skips a parameter without a gradient: no decay either)."""
+    for name, param in model.named_parameters():
+        if not is_gate_parameter(name):
+            param.grad = None
 
 
 def clip_gradients(accelerator, model, grad_clip):

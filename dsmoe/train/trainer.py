@@ -6,7 +6,9 @@ sequences; each process takes its slice of it and accumulates gradients over mic
 
 Auxiliary loss by variant: the sparsity loss (Eq. 19) weighted by λ for dsmoe, no_ste and no_gx;
 LLaMA-MoE's CV² balance loss for topk, the Switch load-balancing loss for topk_switch; none for dense (the "dense continued" control).
-Beyond the paper, off by default: a bounded λ controller (lambda_control.py) and a separate gate learning rate.
+Beyond the paper, off by default: a bounded λ controller (lambda_control.py), a separate gate learning rate,
+a gate warm-up (`train.gate_warmup_steps`: the first steps train the gates alone at λ = 0, every other
+weight frozen) and distillation from the dense base model (`train.distill`, distill.py).
 
 This file: setup, the loop, the final save and the CLI; one step is in step.py, checkpoints and
 the resume decision in checkpoint.py, stopping a diverged run in divergence.py, train_log.csv in log.py.
@@ -28,14 +30,15 @@ from ..atomic import check_out
 from ..cpu import bf16_is_fast
 from ..model import dsmoe_layers
 from .checkpoint import clear_checkpoints, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
+from .distill import make_distill
 from .divergence import DivergenceGuard
 from .fsdp import check_layout, enable_fsdp_on_cpu, init_model, shard_like
 from .lambda_control import lambda_controller
 from .log import TrainLog
 from .milestones import clear_stale_milestones, milestone_steps, save_milestone, warn_missed
 from .preempt import RESUBMIT_EXIT, Preempted, StopRequest, check_attempt, record_resubmit
-from .step import (accumulate_gradients, active_fraction, apply_variant, clip_gradients, optimizer_step,
-                   param_groups, pruning_masks)
+from .step import (SPARSITY_VARIANTS, accumulate_gradients, active_fraction, apply_variant, clip_gradients,
+                   gate_only_gradients, optimizer_step, param_groups, pruning_masks)
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +149,7 @@ class Run:
     tensorboard: bool
     milestones: dict  # {step: milestone tokens} of the models kept in RUN/milestones/ (Tables 5-6)
     dtype: torch.dtype  # of the saved models
+    distill: object = None  # distill.Distill: the frozen teacher, or None
 
 
 def new_accelerator(mixed_precision, **kwargs):
@@ -185,7 +189,9 @@ def setup(config, init, data_dir, out, variant, overwrite, resume, milestones=Fa
     log_host_memory(accelerator, "after loading the init")
     check_tokenizer(manifest, tokenizer, data_dir, init)
     variant = apply_variant(model, variant)
+    check_recipe(tc, variant, accelerator)
     fingerprint = run_fingerprint(config, variant, manifest, model)
+    distill = make_distill(tc["distill"], model, accelerator)  # the init's weights, before any step
     start = resume_point(out, fingerprint, resume, overwrite)
     clear_checkpoints(accelerator, out, start.discard)
 
@@ -213,7 +219,17 @@ def setup(config, init, data_dir, out, variant, overwrite, resume, milestones=Fa
                total_steps=total_steps, accumulation=accumulation,
                tokens_per_step=tokens_per_step, batches=batches, state=state,
                start=checkpoint, tensorboard=tensorboard, milestones=kept,
-               dtype=resolve_dtype(config["dtype"]))
+               dtype=resolve_dtype(config["dtype"]), distill=distill)
+
+
+def check_recipe(tc, variant, accelerator):
+    """The options beyond the paper that need a variant or a layout: refused before any work."""
+    if tc["gate_warmup_steps"] > 0:
+        if variant not in SPARSITY_VARIANTS:
+            raise ValueError(f"train.gate_warmup_steps trains sigmoid gates at λ = 0; variant {variant} has none "
+                             f"(use one of {', '.join(SPARSITY_VARIANTS)}) or set it to 0")
+        if accelerator.distributed_type.name == "FSDP":
+            raise ValueError("train.gate_warmup_steps is not supported under FSDP (flattened parameters)")
 
 
 def reads_back(step, tc, run):
@@ -234,6 +250,7 @@ def log_host_memory(accelerator, when):
 def training_loop(run, stop=None):
     """Train from the step resumed at to the end of the token budget, logging and checkpointing on the way.
 
+    The first `train.gate_warmup_steps` steps train the gates alone at λ = 0 (the controller waits).
     `stop` (preempt.StopRequest): when it asks (a signal, the time limit), checkpoint and raise Preempted."""
     tc, accelerator = run.config, run.accelerator
     step, lam = run.state["step"], run.state["sparsity_lambda"]
@@ -244,9 +261,15 @@ def training_loop(run, stop=None):
     guard = DivergenceGuard(accelerator, layers, tc["all_experts_off_steps"], len(run.tokenizer), run.start)
     bar = tqdm(total=run.total_steps, initial=step, desc=f"train {run.variant}", unit="step",
                disable=not accelerator.is_local_main_process)
+    n_stats, distilled = 4 + len(layers), []
     while step < run.total_steps:
+        warming = step < tc["gate_warmup_steps"]
+        step_lam = 0.0 if warming else lam
         step_stats = accumulate_gradients(accelerator, run.model, run.batches.next_batch(), run.accumulation, layers,
-                                          run.variant, lam, tc["load_balancing_coef"])
+                                          run.variant, step_lam, tc["load_balancing_coef"], run.distill)
+        step_stats, distilled = step_stats[:n_stats], distilled + [step_stats[n_stats:]]
+        if warming:
+            gate_only_gradients(run.model)
         grad_norm = clip_gradients(accelerator, run.model, tc["grad_clip"])
         guard.check_step(step + 1, step_stats, grad_norm, flush=reads_back(step + 1, tc, run))
         optimizer_step(run.optimizer, run.scheduler, run.masked_params)
@@ -254,24 +277,30 @@ def training_loop(run, stop=None):
         bar.update(1)
         log.add(step_stats)
         if step % tc["log_every"] == 0 or step == run.total_steps:
-            row = log.write(step, lam, run.scheduler.get_last_lr()[0])
+            extra = {"distill_loss": torch.cat(distilled).mean().item()} if run.distill is not None else None
+            row, distilled = log.write(step, step_lam, run.scheduler.get_last_lr()[0], extra), []
             bar.set_postfix(lm_loss=f"{row['lm_loss']:.3f}", active=f"{row['mean_active_fraction']:.2f}")
-        if control is not None:
+        if control is not None and not warming:
             lam = control.update(active_fraction(step_stats[4:].tolist(), layers))
         if step in run.milestones:
             save_milestone(run, step, run.milestones[step], run.dtype)
         stopping = stop is not None and step < run.total_steps and stop.step_done(accelerator)
         if step % tc["checkpoint_every"] == 0 or step == run.total_steps or stopping:
-            state = {"step": step, "fingerprint": run.fingerprint, "variant": run.variant, "sparsity_lambda": lam,
-                     "lambda_control": control.state_dict() if control else None,
-                     "data_position": run.batches.position(), "tokens": step * run.tokens_per_step}
-            guard.flush()  # a preemption's checkpoint may come between two read-backs
-            guard.check_weights(run.model, step)
-            guard.saved(save_checkpoint(accelerator, run.out, step, state, tc["keep_checkpoints"]))
+            save_step(run, guard, step, lam, control)
         if stopping:
             bar.close()
             raise Preempted(step, stop.reason)
     bar.close()
+
+
+def save_step(run, guard, step, lam, control):
+    """Checkpoint `step` (after the divergence checks): λ is the configured one, also during the gate warm-up."""
+    state = {"step": step, "fingerprint": run.fingerprint, "variant": run.variant, "sparsity_lambda": lam,
+             "lambda_control": control.state_dict() if control else None,
+             "data_position": run.batches.position(), "tokens": step * run.tokens_per_step}
+    guard.flush()  # a preemption's checkpoint may come between two read-backs
+    guard.check_weights(run.model, step)
+    guard.saved(save_checkpoint(run.accelerator, run.out, step, state, run.config["keep_checkpoints"]))
 
 
 def train(config, init, data_dir, out, variant=None, overwrite=False, resume=True, milestones=False, stop=None):
