@@ -67,19 +67,22 @@ def stop(server):
         server.wait()
 
 
+PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook in the current tab
+
+
 def _all_ran(page):
     """Every code cell shows an execution count ("[3]:"): none waiting ("[*]:") or never run ("[ ]:")."""
-    prompts = [p.strip() for p in page.locator(".jp-CodeCell .jp-InputArea-prompt").all_inner_texts()]
+    prompts = [p.strip() for p in page.locator(f"{PANEL} .jp-CodeCell .jp-InputArea-prompt").all_inner_texts()]
     return bool(prompts) and all(p[1:-2].strip().isdigit() for p in prompts)
 
 
 def run_in_browser(page, url, timeout_s):
-    """Open a notebook, run all cells (Run menu), wait until every cell has run, save (Ctrl+S)."""
+    """Open a notebook (a fresh workspace), run all cells (Run menu), wait until every cell has run,
+    save (Ctrl+S)."""
     page.goto(url)
-    page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=120_000)
-    page.wait_for_selector(".jp-Notebook .jp-CodeCell .jp-InputArea-prompt", timeout=60_000)
+    page.locator(f"{PANEL} .jp-CodeCell .jp-InputArea-prompt").first.wait_for(timeout=120_000)
     page.wait_for_timeout(3000)  # the kernel starts
-    page.locator(".jp-Notebook .jp-Cell").first.click()
+    page.locator(f"{PANEL} .jp-Cell").first.click()
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
     deadline = time.time() + timeout_s
@@ -111,11 +114,11 @@ def check(names, timeout_s, keep=None):
         try:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-                page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 for name in names:
                     start = time.time()
+                    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
                     try:
-                        run_in_browser(page, f"http://127.0.0.1:{port}/lab/tree/notebooks/{name}.ipynb?token={token}",
+                        run_in_browser(page, f"http://127.0.0.1:{port}/lab/tree/notebooks/{name}.ipynb?reset&token={token}",
                                        timeout_s)
                         found = problems(scratch / "notebooks" / f"{name}.ipynb", name)
                     except Exception as err:  # a notebook that cannot be driven fails the check, the others still run
@@ -124,8 +127,9 @@ def check(names, timeout_s, keep=None):
                     saved = scratch / "notebooks" / f"{name}.ipynb"
                     print(f"{name}: {'ok' if not found else 'FAILED'} ({time.time() - start:.0f} s); first output: "
                           f"{first_output(saved).strip()[:160]!r}")
+                    page.context.close()
                     for line in found:
-                        print(f"  {line}")
+                        print(f"  {line.splitlines()[0]}")
                     if found:
                         failures[name] = found
                 browser.close()
