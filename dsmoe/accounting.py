@@ -55,18 +55,61 @@ class RoutingStats:
         return float((self.k_hist.double() * k).sum() / max(self.tokens, 1))
 
 
+MARGIN_EDGES = torch.linspace(-1.0, 1.0, 201, dtype=torch.float64)  # σ(h·Y) − τ lies in (−1, 1): bins of 0.01
+NEAR_TAU = 0.05
+
+
+class GateMarginStats(RoutingStats):
+    """RoutingStats plus the histogram of σ(h·Y) − τ over tokens × experts of a sigmoid-gated layer.
+
+    Reads the layer's `last_gate_probs`, which its forward sets just before it calls `update`."""
+
+    def __init__(self, n_experts, layer):
+        super().__init__(n_experts)
+        self.layer = layer
+        self.counts = torch.zeros(len(MARGIN_EDGES) - 1, dtype=torch.long)
+        self.near = 0  # |σ − τ| <= NEAR_TAU
+
+    def update(self, active):
+        super().update(active)
+        margins = self.layer.last_gate_probs.detach().double().cpu() - float(self.layer.tau)
+        mask = _COUNTED.get()
+        if mask is not None:
+            margins = margins[mask.cpu()]
+        bins = torch.bucketize(margins.reshape(-1), MARGIN_EDGES, right=True) - 1
+        self.counts += torch.bincount(bins.clamp(0, len(self.counts) - 1), minlength=len(self.counts))
+        self.near += int((margins.abs() <= NEAR_TAU).sum())
+
+    @classmethod
+    def pooled(cls, stats):
+        merged = cls(stats[0].n_experts, stats[0].layer)
+        for s in stats:
+            merged.k_hist += s.k_hist
+            merged.counts += s.counts
+            merged.near += s.near
+        return merged
+
+
+def records_margins(layer):
+    """Whether a layer's gate is σ(h·Y) against τ (the sigmoid variants), so that its margins mean something."""
+    return getattr(layer, "variant", None) in ("dsmoe", "no_ste", "no_gx") and hasattr(layer, "last_gate_probs")
+
+
 class RoutingRecorder:
     """Record routing over any number of forward passes.
 
     >>> with RoutingRecorder(model) as rec:
     ...     model(**batch)
     >>> rec.report()["activated_params_pct"]
+
+    `gate_margins=True`: sigmoid-gated layers also histogram σ(h·Y) − τ (`GateMarginStats`).
     """
 
-    def __init__(self, model, layers=None):
+    def __init__(self, model, layers=None, gate_margins=False):
         self.model = model
         self.layers = dsmoe_layers(model) if layers is None else list(layers)
-        self.stats = [RoutingStats(layer.n_experts) for layer in self.layers]
+        self.stats = [GateMarginStats(layer.n_experts, layer) if gate_margins and records_margins(layer)
+                      else RoutingStats(layer.n_experts) for layer in self.layers]
 
     def __enter__(self):
         for layer, stats in zip(self.layers, self.stats):

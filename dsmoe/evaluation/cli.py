@@ -5,6 +5,7 @@ The `model` column holds a label (the checkpoint's directory name by default), t
 the method (`dsmoe.names`): a DSMoE variant, or for a dense model its label when that names a method.
 """
 
+import argparse
 import json
 import math
 import os
@@ -122,9 +123,25 @@ def register(subparsers):
     p = commands.add_parser("ppl", help="per-source validation perplexity, activated params, per-layer active experts")
     add_model_args(p)
     add_data_args(p)
+    p.add_argument("--gate-margins", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write gate_margins.csv: per source and sigmoid-gated layer, the histogram of sigma(h.Y) - tau "
+                        "(bins of 0.01) and the share within +-0.05 of tau (default on; a dense model writes its header)")
+    p.add_argument("--all-experts-on", action="store_true",
+                   help="evaluate with every expert of every DSMoE layer on at coefficient 1 (the dense FFN); "
+                        "the model column reads LABEL@all_on")
     p.add_argument("--out", required=True, help="output directory: ppl.csv, layers.csv and windows.csv (per-window NLL; "
-                                               "written atomically)")
+                                               "written atomically), gate_margins.csv")
     p.set_defaults(func=cmd_ppl)
+
+    p = commands.add_parser("massive-activations", help="a dense model's largest FFN units at position 0 per layer, "
+                                                       "their expert (Eq. 6) and the residual stream's max")
+    p.add_argument("--model", required=True, help="dense causal LM: short name or directory")
+    add_data_args(p)
+    p.add_argument("--n-experts", type=int, required=True, help="experts per FFN of the contiguous partition")
+    p.add_argument("--top-units", type=int, default=3, help="units per layer (default 3)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--out", required=True, help="output CSV (written atomically)")
+    p.set_defaults(func=cmd_massive)
 
     p = commands.add_parser("sweep", help="perplexity and activated params of a DSMoE model at several τ (Table 4, Fig. 2)")
     add_model_args(p, tau_help=None)
@@ -185,19 +202,27 @@ def _columns(df, model, args):
 
 def cmd_ppl(args):
     from ..data import load_validation
-    from .perplexity import WINDOW_COLUMNS, evaluate_ppl
+    from .perplexity import MARGIN_COLUMNS, WINDOW_COLUMNS, evaluate_ppl
 
     _check_args(args)
-    out = check_output_dir(args.out, ["ppl.csv", "layers.csv", "windows.csv"])
-    outputs = [out / "ppl.csv", out / "layers.csv", out / "windows.csv"]
+    names = ["ppl.csv", "layers.csv", "windows.csv"] + (["gate_margins.csv"] if args.gate_margins else [])
+    out = check_output_dir(args.out, names)
+    outputs = [out / name for name in names]
     validation = load_validation(args.data)
+    extra = {"gate_margins": True} if args.gate_margins else {}
+    extra.update({"all_on": True} if args.all_experts_on else {})
     key = fingerprint([args.model, args.data], command="ppl", tau=args.tau, label=args.label, variant=args.variant,
-                      max_sequences=args.max_sequences, dtype=args.dtype, rescale=args.no_gx_inference_rescale)
+                      max_sequences=args.max_sequences, dtype=args.dtype, rescale=args.no_gx_inference_rescale, **extra)
     if up_to_date(out / ".ppl.stamp.json", key, outputs):
         print(f"{out}: up to date, nothing to do")
         return
     model, _ = load_for_eval(args.model, args.dtype, args.device, args.tau, args.no_gx_inference_rescale, tokenizer=False)
-    df = evaluate_ppl(model, validation, args.batch_size, args.max_sequences)
+    if args.all_experts_on:
+        if not dsmoe_layers(model):
+            raise ValueError(f"--all-experts-on: {args.model} is a dense model (no DSMoE layer to switch on)")
+        args.label = f"{args.label or model_label(args.model)}@all_on"
+    df = evaluate_ppl(model, validation, args.batch_size, args.max_sequences, gate_margins=args.gate_margins,
+                      all_on=args.all_experts_on)
     front = ["model", "variant", "tau"]
     summary = apply_pruning_record(_columns(df, model, args), args.model)
     write_csv(summary[front + list(df.columns)], outputs[0])
@@ -205,8 +230,27 @@ def cmd_ppl(args):
     write_csv(layers[front + ["source", "layer", "mean_active_experts"]], outputs[1])
     windows = _columns(df.attrs["windows"], model, args)
     write_csv(windows[front + WINDOW_COLUMNS], outputs[2])
+    if args.gate_margins:
+        write_csv(_columns(df.attrs["gate_margins"], model, args)[front + MARGIN_COLUMNS], outputs[3])
     write_stamp(out / ".ppl.stamp.json", key)
     print(summary[["source", "ppl", "tokens", "activated_params_pct", "mean_active_experts"]].to_string(index=False))
+
+
+def cmd_massive(args):
+    from ..data import load_validation
+    from ..model import check_n_experts
+    from .massive import massive_activations
+
+    check_n_experts(args.n_experts)
+    if args.top_units < 1 or args.batch_size < 1:
+        raise ValueError("--top-units and --batch-size must be positive")
+    out = check_output_file(args.out)
+    validation = load_validation(args.data)
+    windows = [w for sequences in validation.values() for w in sequences[:args.max_sequences]]
+    model, _ = load_for_eval(args.model, "float32", "auto", tokenizer=False)
+    df = massive_activations(model, windows, args.n_experts, args.top_units, args.batch_size)
+    write_csv(df, out)
+    print(df.to_string(index=False))
 
 
 def cmd_sweep(args):

@@ -8,6 +8,8 @@ counted as in Table 1 (`dsmoe.accounting.activated_params`) from the routing rec
 a model without DSMoE layers (dense, pruned) counts all of its parameters.
 """
 
+import contextlib
+import functools
 import math
 
 import numpy as np
@@ -16,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..accounting import RoutingRecorder, RoutingStats, activated_params, counted_tokens
+from ..accounting import MARGIN_EDGES, GateMarginStats, RoutingRecorder, activated_params, counted_tokens
 from ..config import schema_default
 from ..model import TOPK_VARIANTS, check_tau, dsmoe_layers, set_tau
 
 TABLE4_TAUS = tuple(schema_default("eval.tau_sweep"))  # the grid of Table 4
 WINDOW_COLUMNS = ["source", "window", "nll", "tokens"]  # df.attrs["windows"] of evaluate_ppl
+MARGIN_COLUMNS = ["source", "layer", "bin_low", "bin_high", "count", "near_tau_share"]  # df.attrs["gate_margins"]
 
 
 def window_nll(model, input_ids):
@@ -48,11 +51,41 @@ def routing_summary(model, stats):
             "mean_active_experts": mean}, per_layer
 
 
-def source_nll(model, sequences, batch_size, desc, progress):
+def _recorded_all_on(layer, forward, hidden_states):
+    out = forward(hidden_states)
+    if layer.routing_stats is not None:
+        layer.routing_stats.update(torch.ones(out.reshape(-1, out.shape[-1]).shape[0], layer.n_experts, dtype=torch.bool,
+                                              device=out.device))
+    return out
+
+
+@contextlib.contextmanager
+def all_experts_on_recorded(model):
+    """`dsmoe.convert.all_experts_on`, with every expert recorded as active (the dense FFN's activated params)."""
+    from ..convert import all_experts_on
+
+    with all_experts_on(model):
+        for layer in dsmoe_layers(model):
+            layer.forward = functools.partial(_recorded_all_on, layer, layer.forward)
+        yield model
+
+
+def margin_rows(source, stats):
+    """The σ(h·Y) − τ histogram rows of one source's per-layer stats (GateMarginStats only)."""
+    rows = []
+    for i, s in enumerate(stats):
+        if isinstance(s, GateMarginStats):
+            share = s.near / max(int(s.counts.sum()), 1)
+            rows += [{"source": source, "layer": i, "bin_low": float(lo), "bin_high": float(hi), "count": int(c),
+                      "near_tau_share": share} for lo, hi, c in zip(MARGIN_EDGES[:-1], MARGIN_EDGES[1:], s.counts)]
+    return rows
+
+
+def source_nll(model, sequences, batch_size, desc, progress, gate_margins=False):
     """Per-window summed NLL and predicted tokens of one source's windows, and its per-layer RoutingStats."""
     device = next(model.parameters()).device
     nll, tokens = [], []
-    with RoutingRecorder(model) as recorder:
+    with RoutingRecorder(model, gate_margins=gate_margins) as recorder:
         for start in tqdm(range(0, len(sequences), batch_size), desc=desc, disable=not progress):
             batch = torch.from_numpy(np.array(sequences[start:start + batch_size], dtype=np.int64)).to(device)
             batch_nll, batch_tokens = window_nll(model, batch)
@@ -62,35 +95,45 @@ def source_nll(model, sequences, batch_size, desc, progress):
 
 
 @torch.no_grad()
-def evaluate_ppl(model, validation, batch_size=8, max_sequences=None, progress=True):
+def evaluate_ppl(model, validation, batch_size=8, max_sequences=None, progress=True, gate_margins=False, all_on=False):
     """Per-source perplexity and activated params: one row per source plus "all".
 
     Columns: source, ppl, tokens, activated_params, activated_params_pct, mean_active_experts (mean over
     layers; NaN for a dense model). `df.attrs["layers"]` holds the per-layer means (source, layer,
     mean_active_experts) for the Fig. 3 heatmaps; `df.attrs["windows"]` the summed NLL and predicted
     tokens of each window (source, window: its index within the source, nll, tokens), for bootstraps.
+    `gate_margins`: `df.attrs["gate_margins"]` holds, per source and sigmoid-gated layer, the histogram of
+    σ(h·Y) − τ over tokens × experts (bins of 0.01 on [-1, 1]) and the share within ±0.05 of τ.
+    `all_on`: every expert of every DSMoE layer on at coefficient 1 (`dsmoe.convert.all_experts_on`).
     """
     if not validation:
         raise ValueError("no validation source to evaluate")
     model.eval()
+    with all_experts_on_recorded(model) if all_on else contextlib.nullcontext():
+        return _evaluate(model, validation, batch_size, max_sequences, progress, gate_margins and not all_on)
+
+
+def _evaluate(model, validation, batch_size, max_sequences, progress, gate_margins):
     rows, layer_rows, window_frames = [], [], []
     for source, sequences in validation.items():
         sequences = sequences[:max_sequences]
         if len(sequences) == 0 or sequences.shape[-1] < 2:
             raise ValueError(f"validation source {source!r} has no window of 2 tokens or more")
-        nll, tokens, stats = source_nll(model, sequences, batch_size, f"ppl {source}", progress)
+        nll, tokens, stats = source_nll(model, sequences, batch_size, f"ppl {source}", progress, gate_margins)
         window_frames.append(pd.DataFrame({"source": source, "window": np.arange(len(nll)), "nll": nll, "tokens": tokens}))
         rows.append((source, float(nll.sum()), int(tokens.sum()), stats))
-    pooled = [RoutingStats.pooled(layer) for layer in zip(*(stats for *_, stats in rows))]
+    pooled = [type(layer[0]).pooled(layer) for layer in zip(*(stats for *_, stats in rows))]
     rows.append(("all", sum(r[1] for r in rows), sum(r[2] for r in rows), pooled))
-    summary = []
+    summary, margins = [], []
     for source, nll, tokens, stats in rows:
+        margins += margin_rows(source, stats)
         routing, per_layer = routing_summary(model, stats)
         summary.append({"source": source, "ppl": math.exp(nll / tokens), "tokens": tokens, **routing})
         layer_rows += [{"source": source, "layer": i, "mean_active_experts": k} for i, k in enumerate(per_layer)]
     df = pd.DataFrame(summary)
     df.attrs["layers"] = pd.DataFrame(layer_rows, columns=["source", "layer", "mean_active_experts"])
     df.attrs["windows"] = pd.concat(window_frames, ignore_index=True)[WINDOW_COLUMNS]
+    df.attrs["gate_margins"] = pd.DataFrame(margins, columns=MARGIN_COLUMNS)
     return df
 
 

@@ -2,7 +2,7 @@
 
 from .bootstrap import PairedDiff, interpolation, paired_bootstrap, windows_of
 from .reproduced import claims
-from .plots import (explorer_heatmap, heatmap, heatmap_grid, layer_profile, no_gx_curve, pilot_curves, tau_curves,
+from .plots import (explorer_heatmap, gate_margin_figure, heatmap, heatmap_grid, layer_profile, no_gx_curve, pilot_curves, tau_curves,
                     token_activity, token_curve)
 from .run_data import PAPER_RESULTS, collect, find_run, load_paper, load_run, overall, run_config, save_figure, save_table
 from .shape import band_means, is_w_shaped, w_shape_claim
@@ -16,6 +16,7 @@ __all__ = [
     "collect",
     "explorer_heatmap",
     "find_run",
+    "gate_margin_figure",
     "heatmap",
     "heatmap_grid",
     "interpolation",

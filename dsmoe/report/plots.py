@@ -237,3 +237,32 @@ def explorer_heatmap(tokens, activity, n_experts, ax=None):
     ax.set_ylabel("layer")
     ax.tick_params(axis="x", labelrotation=90, labelsize=7)
     return ax
+
+
+def gate_margin_figure(margins, model=None, source="all"):
+    """Per layer, the distribution of σ(h·Y) − τ (gate_margins.csv of `dsmoe eval ppl`): a layers x margin
+    heatmap of the share of gate values in each bin, and per layer the share within ±0.05 of τ."""
+    import matplotlib.pyplot as plt
+
+    df = margins[margins["source"] == source]
+    if model is not None:
+        df = df[df["model"] == model]
+    if df.empty:
+        raise ValueError(f"no gate margins for model {model!r}, source {source!r}")
+    if df["model"].nunique() > 1:
+        raise ValueError(f"gate margins of several models ({', '.join(map(str, df['model'].unique()))}): pick one with model=")
+    grid = df.pivot_table(index="layer", columns="bin_low", values="count", aggfunc="sum")
+    share = grid.div(grid.sum(axis=1), axis=0)
+    near = df.groupby("layer")["near_tau_share"].first()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 1]})
+    edges = list(grid.columns) + [df["bin_high"].max()]
+    image = left.pcolormesh(edges, np.arange(len(grid.index) + 1) - 0.5, share.to_numpy(), cmap="viridis", shading="flat")
+    left.axvline(0.0, color="white", lw=0.8)
+    left.set_xlabel("σ(h·Y) − τ")
+    left.set_ylabel("layer")
+    fig.colorbar(image, ax=left, label="share of gate values")
+    right.barh(near.index, near.to_numpy())
+    right.set_xlabel("share within ±0.05 of τ")
+    right.set_xlim(0, 1)
+    fig.tight_layout()
+    return fig
