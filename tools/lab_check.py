@@ -11,6 +11,7 @@ Chromium (the system's, Debian package `chromium`) is driven through Playwright
 """
 
 import argparse
+import json
 import os
 import secrets
 import shutil
@@ -70,29 +71,40 @@ def stop(server):
 PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook in the current tab
 
 
-def _all_ran(page):
-    """Every code cell shows an execution count ("[3]:"): none waiting ("[*]:") or never run ("[ ]:")."""
-    prompts = [p.strip() for p in page.locator(f"{PANEL} .jp-CodeCell .jp-InputArea-prompt").all_inner_texts()]
-    return bool(prompts) and all(p[1:-2].strip().isdigit() for p in prompts)
+def _kernels_idle(base, token):
+    """Every kernel of the server idle (the Jupyter REST API)."""
+    with urllib.request.urlopen(f"{base}/api/kernels?token={token}", timeout=10) as answer:
+        kernels = json.load(answer)
+    return bool(kernels) and all(k["execution_state"] == "idle" for k in kernels)
 
 
-def run_in_browser(page, url, timeout_s):
-    """Open a notebook (a fresh workspace), run all cells (Run menu), wait until every cell has run,
-    save (Ctrl+S)."""
-    page.goto(url)
+def _all_ran(path):
+    """Every code cell of the saved notebook has an execution count, or one stopped the run with an error."""
+    cells = [c for c in json.loads(Path(path).read_text())["cells"] if c["cell_type"] == "code"]
+    stopped = any(o.get("output_type") == "error" for c in cells for o in c.get("outputs", []))
+    return stopped or all(c.get("execution_count") for c in cells)
+
+
+def run_in_browser(page, base, token, name, saved, timeout_s):
+    """Open a notebook (a fresh workspace), run all cells (Run menu), wait until the kernel is idle and
+    the saved notebook (Ctrl+S) shows every cell run. JupyterLab renders only the cells in view, so
+    completion is read from the kernel's state and the saved file, not from the page."""
+    page.goto(f"{base}/lab/tree/notebooks/{name}.ipynb?reset&token={token}")
     page.locator(f"{PANEL} .jp-CodeCell .jp-InputArea-prompt").first.wait_for(timeout=120_000)
     page.wait_for_timeout(3000)  # the kernel starts
     page.locator(f"{PANEL} .jp-Cell").first.click()
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
     deadline = time.time() + timeout_s
-    while not _all_ran(page):
+    while True:
+        time.sleep(3)
+        if _kernels_idle(base, token):
+            page.keyboard.press("Control+s")
+            page.wait_for_timeout(3000)
+            if _all_ran(saved):
+                return
         if time.time() > deadline:
             raise TimeoutError(f"cells still running after {timeout_s} s")
-        time.sleep(2)
-    page.wait_for_timeout(1000)
-    page.keyboard.press("Control+s")
-    page.wait_for_timeout(3000)
 
 
 def check(names, timeout_s, keep=None):
@@ -117,14 +129,13 @@ def check(names, timeout_s, keep=None):
                 for name in names:
                     start = time.time()
                     page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+                    saved = scratch / "notebooks" / f"{name}.ipynb"
                     try:
-                        run_in_browser(page, f"http://127.0.0.1:{port}/lab/tree/notebooks/{name}.ipynb?reset&token={token}",
-                                       timeout_s)
-                        found = problems(scratch / "notebooks" / f"{name}.ipynb", name)
+                        run_in_browser(page, f"http://127.0.0.1:{port}", token, name, saved, timeout_s)
+                        found = problems(saved, name)
                     except Exception as err:  # a notebook that cannot be driven fails the check, the others still run
                         found = [f"{type(err).__name__}: {err}"]
                         page.screenshot(path=str(scratch / f"{name}-failure.png"))
-                    saved = scratch / "notebooks" / f"{name}.ipynb"
                     print(f"{name}: {'ok' if not found else 'FAILED'} ({time.time() - start:.0f} s); first output: "
                           f"{first_output(saved).strip()[:160]!r}")
                     page.context.close()
