@@ -168,8 +168,8 @@ def convert(model, options=None, *, calibration_ids=None, partition_ids=None, ch
     """Replace every decoder MLP of a LLaMA-style causal LM by a `DSMoEMLP`, in place.
 
     Returns a `DSMoEForCausalLM` that shares the given model's modules (no weight is copied).
-    `options` is a `ConversionOptions`; or pass its fields as keywords (`convert(model, n_experts=8,
-    tau=0.5)`), the others at their defaults. Gates are initialised N(0, gate_init_std²) as in the
+    `options` is a `ConversionOptions`; or pass its fields as keywords (`convert(model, n_experts=4,
+    tau=0.3)`), the others at their defaults. Gates are initialised N(0, gate_init_std²) as in the
     paper, or, given `calibration_ids` (N x T token ids, or a list of such batches:
     `calibration_inputs`), fitted by `dsmoe.gate_init` (beyond the paper): every expert starts open
     with σ ≈ `calibration_target`, spread per token by ± `calibration_spread` x 2 in logit by how much
