@@ -125,3 +125,30 @@ def test_claims_without_two_models_leave_the_activation_columns_empty(tmp_path):
     assert {"activated_pct_a", "activated_pct_b"} <= set(written.columns)
     assert written.loc["PPL against activated params is monotone in τ", "activated_pct_a"] == ""
     assert float(written.loc[NO_STE, "activated_pct_a"]) == pytest.approx(60.0)
+
+
+def test_heatmaps_share_one_scale_from_zero_to_n_experts():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    layers = pd.DataFrame([{"model": m, "variant": m, "tau": 0.5, "source": s, "layer": i, "mean_active_experts": k}
+                           for m, k in (("dsmoe", 7.99), ("no_ste", 3.0)) for s in ("code", "all") for i in range(3)])
+    for model in ("dsmoe", "no_ste"):
+        ax = report.heatmap(layers, model, n_experts=8)
+        assert ax.collections[0].get_clim() == (0, 8)  # a flat 7.99 run is one colour, not dark bands
+    assert report.heatmap(layers, "dsmoe").collections[0].get_clim() == (0, 8)  # inferred over every model
+    with pytest.raises(ValueError, match="at least 1"):
+        report.heatmap(layers, "dsmoe", n_experts=0)
+
+
+def test_the_demo_summary_names_table1_rows_and_routing():
+    from pathlib import Path
+
+    from dsmoe.report.summary import summary
+
+    study = Path(__file__).resolve().parents[1] / "results" / "cpu-study"
+    if not (study / "data" / "ppl.csv").is_file():
+        pytest.skip("results/cpu-study not committed")
+    text = summary(study)
+    for needle in ("dense", "dsmoe", "topk", "prune_sparsegpt", "τ-sweep", "per layer", "make lab"):
+        assert needle in text
