@@ -27,22 +27,24 @@ model_dir = "../results/default/models/dsmoe/model"
 text = "def add(a, b):\n    return a + b\n\nThe quick brown fox jumps over the lazy dog."
 
 # %%
+import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-
 import torch
 
 import dsmoe
 from dsmoe import report
 
-run = report.find_run(run_dir)
 if Path(model_dir).is_dir():
+    figures_dir = Path(run_dir) / "figures"
     model, tokenizer = dsmoe.load_model(model_dir)
     print(f"{model_dir}: {type(model).__name__}, {model.config.n_experts} experts per FFN, τ = {model.config.tau}")
 else:
-    print(f"{model_dir} does not exist: SmolLM2-135M converted with the paper's random gate init "
-          "(N(0, 0.02²), seed 0), untrained, stands in for a trained DSMoE model.")
+    figures_dir = Path(tempfile.gettempdir()) / "dsmoe-notebooks" / "explorer"
+    print(f"{model_dir} does not exist (no `make demo` run yet; the committed CPU study keeps no weights): "
+          "SmolLM2-135M converted with the paper's random gate init (N(0, 0.02²), seed 0), untrained, stands in "
+          f"for a trained DSMoE model. The figure goes to {figures_dir}/.")
     torch.manual_seed(0)
     model, tokenizer = dsmoe.load_model("smollm2-135m")
     model = dsmoe.convert(model, n_experts=8, tau=0.5, variant="dsmoe")
@@ -51,5 +53,5 @@ else:
 tokens, activity = report.token_activity(model, tokenizer, text)
 ax = report.explorer_heatmap(tokens, activity, model.config.n_experts)
 ax.set_title(f"active experts per token and layer (mean {activity.mean():.2f} of {model.config.n_experts})")
-report.save_figure(ax.figure, run.out / "figures", "explorer")
+report.save_figure(ax.figure, figures_dir, "explorer")
 plt.show()
