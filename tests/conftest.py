@@ -157,16 +157,16 @@ def snakemake(*args, workdir=None, env=None, timeout=600, check=True):
     return result
 
 
-def planned_outputs(workdir, configfile):
+def planned_outputs(workdir, *configfiles, env=None):
     """Every output file of the run's DAG, from `snakemake --summary`."""
-    summary = snakemake("--configfile", str(configfile), "--summary", workdir=workdir).stdout
+    summary = snakemake("--configfile", *map(str, configfiles), "--summary", workdir=workdir, env=env).stdout
     rows = [line.split("\t") for line in summary.splitlines() if "\t" in line]
     return [Path(workdir) / row[0] for row in rows[1:]]
 
 
-def assert_complete(workdir, configfile, run_name="smoke"):
-    outputs = planned_outputs(workdir, configfile)
-    assert len(outputs) > 40, outputs
+def assert_complete(workdir, *configfiles, run_name="smoke", least_outputs=40, env=None):
+    outputs = planned_outputs(workdir, *configfiles, env=env)
+    assert len(outputs) > least_outputs, outputs
     for path in outputs:
         assert path.exists(), f"{path} is missing"
         if path.is_dir():

@@ -144,6 +144,36 @@ def write_gres(state, host, gpus):
     (state / "gres.conf").write_text(f"AutoDetect=off\nNodeName={host} Name=gpu File={devices}/gpu[0-{gpus - 1}]\n")
 
 
+def remove_stale_link():
+    """Remove DEFAULT_CONF when it is the link of an earlier test cluster whose test was killed before its
+    `stop()`: a link (never a real file) to a dsmoe-test config that is gone or whose slurmctld has ended.
+    Its daemons, if any are left, are ended too. Anything else there is left alone."""
+    if not DEFAULT_CONF.is_symlink():
+        return
+    target = Path(os.readlink(DEFAULT_CONF))
+    if target.is_file() and "ClusterName=dsmoe-test" not in target.read_text():
+        return
+    pids = {}
+    for name in ("slurmctld", "slurmd"):
+        try:
+            pids[name] = int((target.parent / f"{name}.pid").read_text())
+        except (OSError, ValueError):
+            pass
+    if "slurmctld" in pids and _alive(pids["slurmctld"], "slurmctld"):
+        return  # another test cluster is running: refused below
+    for name, pid in pids.items():
+        if _alive(pid, name):
+            os.kill(pid, 15)
+    DEFAULT_CONF.unlink()
+
+
+def _alive(pid, name):
+    try:
+        return name in Path(f"/proc/{pid}/comm").read_text()
+    except OSError:
+        return False
+
+
 def start_cluster(workdir, gpus=8, cpus=16, memory_mb=262144):
     """Start munged, slurmctld and slurmd for this node; return a `Cluster` (call `.stop()`).
 
@@ -151,6 +181,7 @@ def start_cluster(workdir, gpus=8, cpus=16, memory_mb=262144):
     if os.geteuid() != 0:
         raise SlurmUnavailable("starting slurmctld/slurmd as a test needs root")
     ensure_installed()
+    remove_stale_link()
     if DEFAULT_CONF.exists() or DEFAULT_CONF.is_symlink():
         raise SlurmUnavailable(f"{DEFAULT_CONF} exists: this machine has its own SLURM; not starting a test cluster")
     state = Path(workdir).resolve()

@@ -481,6 +481,10 @@ def test_item13_suite_paper_offline(moe_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty_cache"))
+    from test_storycloze import write_official_csvs
+
+    write_official_csvs(tmp_path / "storycloze")  # Story Cloze's CSVs are downloaded by hand, not from the Hub
+    monkeypatch.setenv("DSMOE_STORYCLOZE_DIR", str(tmp_path / "storycloze"))
     code, _, err = run_cli(["eval", "lm-eval", "--model", moe_dir, "--suite", "paper", "--limit", 1,
                             "--out", tmp_path / "bench"], capsys)
     assert code == 2 and "lm-eval task 'hellaswag': its dataset cannot be loaded, offline" in err

@@ -209,7 +209,10 @@ def sbatch_calls(result):
 def test_smoke_dag_through_slurm_with_the_real_profile(slurm, tmp_path):
     """Every job of the smoke DAG is submitted with the workflow profile's own requests (GPUs, one node, runtime,
     memory: nothing scaled down), accepted by a node that advertises them, and run on the CPU, offline."""
-    result = through_slurm(slurm, tmp_path, "--configfile", str(ROOT / "config" / "smoke.yaml"), timeout=1200)
+    smaller = tmp_path / "smaller.yaml"  # every rule of the smoke DAG, fewer models: 27 jobs, not 42
+    smaller.write_text("variants: [dsmoe, no_gx]\ndense_continued: false\nbaselines: {prune: [sparsegpt]}\n")
+    configfiles = (ROOT / "config" / "smoke.yaml", smaller)
+    result = through_slurm(slurm, tmp_path, "--configfile", *map(str, configfiles), timeout=1200)
     calls = sbatch_calls(result)
     print("\n".join(f"{rule}: {lines[0]}" for rule, lines in sorted(calls.items())))
     assert set(GPU_RULES) - {"prune"} <= set(calls) and "prune" in calls
@@ -224,7 +227,7 @@ def test_smoke_dag_through_slurm_with_the_real_profile(slurm, tmp_path):
     assert "--signal=USR1@600" in calls["pretrain"][0]
     from conftest import assert_complete
 
-    assert_complete(tmp_path, ROOT / "config" / "smoke.yaml")
+    assert_complete(tmp_path, *configfiles, least_outputs=25)
     base_log = next((tmp_path / ".snakemake" / "slurm_logs" / "rule_base_model").rglob("*.log")).read_text()
     assert "holds all 0 item(s)" in base_log  # the offline check ran in the job (HF_HUB_OFFLINE=1)
 
@@ -273,3 +276,29 @@ def test_preemption_through_slurm_resubmits_and_resumes_to_the_uninterrupted_mod
     assert after[-1]["lm_loss"] == pytest.approx(before[-1]["lm_loss"], abs=1e-6)
     print(f"\nscancel --signal=USR1 through SLURM: final lm_loss uninterrupted {before[-1]['lm_loss']:.6f}, "
           f"preempted+resubmitted+resumed {after[-1]['lm_loss']:.6f}")
+
+
+def test_only_a_stale_test_cluster_link_is_removed(tmp_path, monkeypatch):
+    """A test killed before its cluster's stop() leaves /etc/slurm/slurm.conf linked to its config: the next
+    start removes that link (its slurmctld has ended), never a real file or another cluster's config."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import slurm_cluster
+
+    link = tmp_path / "etc" / "slurm.conf"
+    link.parent.mkdir()
+    monkeypatch.setattr(slurm_cluster, "DEFAULT_CONF", link)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for folder, name in ((ours, "dsmoe-test"), (theirs, "production")):
+        folder.mkdir()
+        (folder / "slurm.conf").write_text(f"ClusterName={name}\n")
+    (ours / "slurmctld.pid").write_text("999999999\n")  # ended
+    link.symlink_to(ours / "slurm.conf")
+    slurm_cluster.remove_stale_link()
+    assert not link.is_symlink()
+    link.symlink_to(theirs / "slurm.conf")
+    slurm_cluster.remove_stale_link()
+    assert link.is_symlink()
+    link.unlink()
+    link.write_text("ClusterName=dsmoe-test\n")  # a real file is never touched
+    slurm_cluster.remove_stale_link()
+    assert link.is_file()
