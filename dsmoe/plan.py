@@ -11,7 +11,9 @@ from MODEL_SHAPES (no download) or from the config's random_init. The arithmetic
   GPU memory      training 16 B/param (fp32 weights, fp32 grads, AdamW m and v) / G under FSDP (G GPUs),
                   + activations of one micro-batch b: L·s·b·(16d + 6D) B (bf16, flash attention) +
                   s·b·V·8 B (fp32 logits and their gradient); eval: 2 B/param (bf16) + one batch of logits
-  host memory     each process loads the model in fp32 before sharding: 4·N B x processes per node, + 8 GB
+  host memory     the main process alone loads the model in fp32 (4·N B; the others start on the meta
+                  device: fsdp_cpu_ram_efficient_loading in workflow/accelerate/fsdp.yaml), + 8 GB,
+                  + 2 GB per process on the node (CUDA context, pinned batches)
   checkpoint      12 B/param (fp32 weights + AdamW state; accelerate save_state), keep_checkpoints kept;
                   final model and each milestone model 2 B/param (bf16) or 4 (float32)
 """
@@ -35,6 +37,7 @@ GPUS = {"h100": (989e12, 80), "h200": (989e12, 141), "a100": (312e12, 80), "a100
         "l40s": (362e12, 48), "v100": (125e12, 32)}
 GPUS_PER_NODE = 8
 HOST_OVERHEAD_GB = 8
+HOST_PER_PROCESS_GB = 2
 PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "default" / "config.yaml"
 GB = 1e9
 
@@ -118,7 +121,7 @@ def jobs(config, gpus):
     micro = min(tc["micro_batch_size"], per_process_batch)
     state = 16 * n / gpus if gpus > 1 else 16 * n
     train_mem = (state + shape.activation_bytes(seq, micro)) / GB
-    host = (4 * n * min(gpus, GPUS_PER_NODE)) / GB + HOST_OVERHEAD_GB
+    host = 4 * n / GB + HOST_OVERHEAD_GB + HOST_PER_PROCESS_GB * min(gpus, GPUS_PER_NODE)
     checkpoint = 12 * n / GB
     milestones = len(config["eval"]["milestone_tokens"]) if "dsmoe" in config["variants"] else 0
     trained = trained_models(config)

@@ -30,7 +30,7 @@ def test_llama_3_2_1b_on_8_h100():
     # 16 B/param over 8 GPUs + activations 16·1024·4·(16·2048 + 6·8192) + logits 1024·4·128256·8
     activations = 16 * 1024 * 4 * (16 * 2048 + 6 * 8192) + 1024 * 4 * 128256 * 8
     assert pretrain["gpu_mem_gb"] == pytest.approx((16 * 1_235_814_400 / 8 + activations) / 1e9)
-    assert pretrain["host_mem_gb"] == pytest.approx(4 * 1_235_814_400 * 8 / 1e9 + 8)
+    assert pretrain["host_mem_gb"] == pytest.approx(4 * 1_235_814_400 / 1e9 + 8 + 2 * 8)  # rank 0 loads, 8 processes
     assert pretrain["checkpoint_gb"] == pytest.approx(12 * 1_235_814_400 / 1e9)
     assert pretrain["disk_gb"] == pytest.approx((2 * 12 + 2) * 1_235_814_400 / 1e9)  # 2 kept + the bf16 model
     assert not warnings
@@ -38,6 +38,7 @@ def test_llama_3_2_1b_on_8_h100():
 
 def test_llama_2_7b_warns_about_host_memory_naming_the_rule():
     config = load_config(CONFIG / "paper-llama-2-7b.yaml")
+    config["cluster"]["train_mem_mb"] = 32000  # below one fp32 copy of 7B on the main process's node
     shape = model_shape(config)
     per_layer = 4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096
     assert shape.params == 32 * per_layer + 4096 + 2 * 32000 * 4096 == 6_738_415_616
@@ -47,7 +48,10 @@ def test_llama_2_7b_warns_about_host_memory_naming_the_rule():
     pretrain = rows_by_rule(rows)["pretrain"]
     assert pretrain["flops"] == pytest.approx(4.125e20, rel=1e-3)  # "about 4e20" (issue 25)
     assert pretrain["wall_hours"] == pytest.approx(pretrain["flops"] / (989e12 * 0.4) / 3600 / 32)
-    assert any(w.startswith("pretrain: needs 224 GB of host memory") for w in warnings), warnings
+    assert pretrain["host_mem_gb"] == pytest.approx(4 * 6_738_415_616 / 1e9 + 8 + 2 * 8)  # 51 GB
+    assert any(w.startswith("pretrain: needs 51 GB of host memory") and "asks 32 GB" in w for w in warnings), warnings
+    config["cluster"]["train_mem_mb"] = 128000  # the default fits
+    assert not plan(config, gpus=32, gpu="h100", mfu=0.4)[2]
 
 
 def test_smoke_config_and_cli(capsys):
