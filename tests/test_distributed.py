@@ -39,12 +39,7 @@ LOSS_TOL = dict(rtol=1e-4, atol=1e-4)  # float32 sums in another order (all-redu
 WEIGHT_TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run_config():

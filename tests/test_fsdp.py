@@ -29,12 +29,7 @@ from test_distributed import ENV, LOSS_TOL, ROOT, WEIGHT_TOL, copy_run_at, read_
 SEQ_LEN, BATCH, STEPS = 32, 8, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def fsdp_config(steps=STEPS):

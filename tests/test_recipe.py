@@ -21,12 +21,7 @@ from dsmoe.train.preempt import Preempted
 SEQ_LEN = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run_config(steps, batch_size=4, **train_settings):
