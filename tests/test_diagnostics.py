@@ -2,7 +2,6 @@
 massive-activation table, on tiny random models."""
 
 import copy
-import json
 
 import numpy as np
 import pandas as pd
@@ -15,6 +14,7 @@ from dsmoe.accounting import MARGIN_EDGES, NEAR_TAU
 from dsmoe.evaluation.massive import massive_activations
 from dsmoe.evaluation.perplexity import evaluate_ppl
 from dsmoe.model import dsmoe_layers
+from test_baselines import write_fixture_data
 
 
 def tiny_llama(seed=0, layers=3):
@@ -96,23 +96,13 @@ def test_massive_activation_table_finds_a_planted_unit():
         massive_activations(model, windows, n_experts=5)
 
 
-def write_data(root, seq_len=8):
-    rng = np.random.default_rng(0)
-    sources = {}
-    for name in ("code", "prose"):
-        (root / name).mkdir(parents=True)
-        np.save(root / name / "train.npy", rng.integers(0, 128, 500, dtype=np.int32))
-        np.save(root / name / "val.npy", rng.integers(0, 128, (3, seq_len), dtype=np.int32))
-        sources[name] = {"train_tokens": 500, "val_sequences": 3, "weight": 0.5}
-    (root / "manifest.json").write_text(json.dumps({"seq_len": seq_len, "tokenizer": "x", "sources": sources}))
-    return root
 
 
 def test_cli_gate_margins_all_on_and_massive(tmp_path, smollm2_tokenizer):
     from dsmoe.cli import main
     from dsmoe.hub import save_model
 
-    data = write_data(tmp_path / "data")
+    data = write_fixture_data(tmp_path / "data")
     dense = tiny_llama()
     save_model(dense, smollm2_tokenizer, tmp_path / "dense")
     save_model(dsmoe.convert(copy.deepcopy(dense), n_experts=4, tau=0.5, gate_init_std=0.5), smollm2_tokenizer,

@@ -2,10 +2,8 @@
 and the threshold rules' refusal of thresholds that drop whole FFNs."""
 
 import copy
-import json
 import math
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -14,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dsmoe.baselines.drop import (DropRecorder, PartitionedDropMLP, partition_for_drop, set_keep_experts,
                                   set_threshold)
+from test_baselines import write_fixture_data
 
 
 def tiny_llama(seed=0, layers=2):
@@ -97,22 +96,12 @@ def test_expert_rule_refuses_thresholds_at_or_above_one_over_n(n, threshold):
         partition_for_drop(tiny_llama(), n, 1.5, "cumulative")
 
 
-def write_data(root, seq_len=8):
-    rng = np.random.default_rng(0)
-    sources = {}
-    for name in ("code", "prose"):
-        (root / name).mkdir(parents=True)
-        np.save(root / name / "train.npy", rng.integers(0, 128, 500, dtype=np.int32))
-        np.save(root / name / "val.npy", rng.integers(0, 128, (3, seq_len), dtype=np.int32))
-        sources[name] = {"train_tokens": 500, "val_sequences": 3, "weight": 0.5}
-    (root / "manifest.json").write_text(json.dumps({"seq_len": seq_len, "tokenizer": "x", "sources": sources}))
-    return root
 
 
 def test_cli_topk_one_row_per_k(tmp_path, smollm2_tokenizer):
     from dsmoe.cli import main
 
-    data = write_data(tmp_path / "data")
+    data = write_fixture_data(tmp_path / "data")
     model_dir = tmp_path / "tiny"
     tiny_llama().float().save_pretrained(model_dir)
     smollm2_tokenizer.save_pretrained(model_dir)
