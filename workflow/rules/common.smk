@@ -30,12 +30,14 @@ coerce_numbers(config)
 validate(config, "../schemas/config.schema.yaml")
 check_cross_fields(config)
 
-# Cluster jobs (remote: submitted by an executor such as SLURM) read nothing from the Hub: `dsmoe fetch
-# --config C`, run on the login node, filled the Hugging Face cache (dsmoe/fetch.py, docs/cluster.md).
-OFFLINE_JOBS = workflow.remote_exec and config["cluster"]["offline"]
-if OFFLINE_JOBS:
+# Cluster jobs read nothing from the Hub: `dsmoe fetch --config C`, run on the login node, filled the Hugging
+# Face cache (dsmoe/fetch.py, docs/cluster.md). The job's own shell decides (SLURM_JOB_ID is set in a SLURM
+# job): the rules' commands must read the same in the head snakemake and in the job's, or the job's snakemake
+# sees changed code upstream and runs those rules again.
+IN_SLURM_JOB = '[ -n "${{SLURM_JOB_ID:-}}" ]'  # braces doubled: snakemake formats shell commands and prefixes
+if config["cluster"]["offline"]:
 
-    shell.prefix("set -euo pipefail; export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1; ")
+    shell.prefix(f"set -euo pipefail; if {IN_SLURM_JOB}; then export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1; fi; ")
 
 
 # In a cluster job, every snakemake process (the batch script's and the job step's, both parse this file)
@@ -47,11 +49,11 @@ if workflow.remote_exec:
 
 
 def offline_check(*kinds):
-    """In a cluster job: `dsmoe fetch --check` of these kinds first, failing (on the job's stderr, its SLURM
-    log) before anything loads and naming what the cache lacks. Locally: nothing."""
-    if not OFFLINE_JOBS:
+    """In a SLURM job of an offline run: `dsmoe fetch --check` of these kinds first, failing (on the job's
+    stderr, its SLURM log) before anything loads and naming what the cache lacks. Elsewhere: nothing."""
+    if not config["cluster"]["offline"]:
         return ""
-    return f"dsmoe fetch --check --config {{params.config}} --only {' '.join(kinds)} >&2 && "
+    return f"if {IN_SLURM_JOB}; then dsmoe fetch --check --config {{params.config}} --only {' '.join(kinds)} >&2; fi; "
 
 
 RUN = config["run_name"]
