@@ -25,6 +25,7 @@ if XDIST_WORKER:
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups (else no test is grouped)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SMOKE_FIXTURES & set(getattr(item, "fixturenames", ())):
@@ -37,6 +38,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_collection_finish(session):
+    """Under --dist loadgroup, every grouped test must carry its group (pytest-xdist appends it to the id):
+    else the smoke run is made once per worker and two local SLURMs start at once."""
+    if not (XDIST_WORKER and session.config.getvalue("loadgroup")):
+        return
+    ungrouped = [item.nodeid for item in session.items
+                 if (SMOKE_FIXTURES & set(getattr(item, "fixturenames", ())) or "slurm" in item.keywords)
+                 and "@" not in item.nodeid]
+    if ungrouped:
+        raise pytest.UsageError(f"tests without their xdist group: {ungrouped[:3]}")
 
 
 @pytest.fixture(scope="module")
