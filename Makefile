@@ -43,11 +43,14 @@ lab-check: $(STAMP)
 # without weights. $(CORES) jobs at a time, one thread each: two torch processes of 2 threads each on
 # 2 cores run 7x slower than one (measured), and the single-threaded parts of jobs overlap.
 # The DSMoE chain (train, evaluate, prune SparseGPT to its activation, train that) goes first: it is the longest.
-STUDY_RULES := base_model data convert pretrain prune drop_sweep eval_ppl tau_sweep lm_eval eval_milestones notebook_explorer
-STUDY_FIRST := results/cpu-study/models/prune_sparsegpt/model results/cpu-study/eval/ppl/prune_sparsegpt/ppl.csv
+# STUDY picks the level (issue 28): cpu-study, or cpu-study-mild (about 6 of 8 experts; config/cpu-study-mild.yaml).
+STUDY ?= cpu-study
+STUDY_RULES := base_model data convert pretrain prune drop_sweep drop_topk eval_ppl tau_sweep lm_eval eval_milestones \
+	notebook_explorer
+STUDY_FIRST = results/$(STUDY)/models/prune_sparsegpt/model results/$(STUDY)/eval/ppl/prune_sparsegpt/ppl.csv
 cpu-study: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) \
-		--configfile config/cpu-study.yaml --keep-going --rerun-incomplete --prioritize $(STUDY_FIRST) \
+		--configfile config/$(STUDY).yaml --keep-going --rerun-incomplete --prioritize $(STUDY_FIRST) \
 		--set-threads $(foreach r,$(STUDY_RULES),$(r)=1)
 
 # One pytest-xdist worker per core (tests/conftest.py: one thread each; the smoke run's and the local

@@ -182,6 +182,10 @@ def _dsmoe_errors(config):
     if topk and top_k > n_experts:
         errors.append(("dsmoe.top_k", f"top_k={top_k} exceeds dsmoe.n_experts={n_experts} (the {topk[0]} variant "
                                       "routes each token to top_k of the n_experts experts)"))
+    keep = [k for k in config["baselines"]["drop_keep_experts"] or [] if k > n_experts]
+    if keep:
+        errors.append(("baselines.drop_keep_experts", f"K={keep[0]} exceeds dsmoe.n_experts={n_experts} (the top-k drop "
+                                                      "keeps K of the n_experts experts per token)"))
     size, where = base_intermediate_size(config)
     if isinstance(size, int) and size % n_experts:
         errors.append(("dsmoe.n_experts", f"n_experts={n_experts} does not divide the FFN intermediate size "

@@ -49,10 +49,12 @@ def show(df, name):
 # %% [markdown]
 # ## Table 1: perplexity and activated parameters
 # `paper_*` columns: the row of the paper that each model plays (SparseGPT is played by Wanda);
-# `paper_notes`: where the paper's own numbers contradict each other.
+# `paper_notes`: where the paper's own numbers contradict each other. Rows `drop_oracle_top<K>` (where the
+# run has them, config `baselines.drop_keep_experts`): the training-free per-token top-k drop, each token
+# keeping its K experts of largest output norm, at its own activation (no router, no training).
 
 # %%
-show(report.table1(data["ppl"], paper), "table1")
+show(report.table1(data["ppl"], paper, data["drop"]), "table1")
 
 # %% [markdown]
 # ## Table 2: downstream tasks (primary metric, %)

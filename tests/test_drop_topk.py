@@ -124,3 +124,29 @@ def test_cli_topk_one_row_per_k(tmp_path, smollm2_tokenizer):
         assert main(["baseline", "drop", "--model", str(model_dir), "--data", str(data), *bad, "--out", str(out)]) == 2
         assert not out.exists()
     assert math.isfinite(df.ppl_all[2])
+
+
+def test_table1_shows_the_topk_drop_rows_at_their_activation():
+    """baselines.drop_keep_experts: the collected drop.csv's topk rows join Table 1 (threshold rows do not)."""
+    from dsmoe import report
+
+    ppl = pd.DataFrame({"model": ["dense", "dsmoe"], "source": "all", "ppl": [10.0, 12.0],
+                        "activated_params": [100.0, 80.0], "activated_params_pct": [100.0, 80.0]})
+    drop = pd.DataFrame({"model": "drop_oracle", "variant": "drop_oracle", "rule": ["expert", "topk", "topk"],
+                         "threshold": [0.0, math.nan, math.nan], "ppl_all": [10.0, 30.0, 11.0],
+                         "activated_params": [100.0, 50.0, 90.0], "activated_params_pct": [100.0, 50.0, 90.0],
+                         "keep_experts": [math.nan, 3, 7]})
+    paper = report.load_paper()
+    assert list(report.table1(ppl, paper).model) == ["dense", "dsmoe"]
+    table = report.table1(ppl, paper, drop).set_index("model")
+    assert list(table.index) == ["dense", "dsmoe", "drop_oracle_top7", "drop_oracle_top3"]
+    assert table.loc["drop_oracle_top3", "ppl"] == 30.0 and table.loc["drop_oracle_top7", "activated_pct_of_dense"] == 90.0
+    assert table.loc["drop_oracle_top3", "paper_method"] == ""
+
+
+def test_config_refuses_drop_keep_experts_above_n():
+    from dsmoe.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="drop_keep_experts"):
+        validate_config({"baselines": {"drop_keep_experts": [6, 9]}})
+    assert validate_config({})["baselines"]["drop_keep_experts"] is None

@@ -4,7 +4,7 @@ import math
 
 import pandas as pd
 
-from ..names import METHOD_ORDER, PAPER_TASKS
+from ..names import DROP, METHOD_ORDER, PAPER_TASKS
 from .reproduced import claims  # noqa: F401 (the claims live in reproduced.py; tables.claims as before)
 from .run_data import overall
 
@@ -13,16 +13,30 @@ def paper_methods(paper):
     return {row["ours"]: row["paper"] for row in paper["methods"] if row["ours"]}
 
 
-def table1(ppl, paper):
-    """PPL and activated params per model, beside the paper's row that the model plays.
+def drop_topk_rows(drop):
+    """The per-token top-k drop's rows of a collected drop.csv (rule topk), as Table 1 models named
+    drop_oracle_top<K>, K descending; an empty frame where the run has none."""
+    columns = ["model", "ppl", "activated_params", "activated_params_pct"]
+    if drop is None or drop.empty or "rule" not in drop or "keep_experts" not in drop:
+        return pd.DataFrame(columns=columns)
+    rows = drop[drop["rule"] == "topk"].sort_values("keep_experts", ascending=False)
+    return pd.DataFrame({"model": [f"{DROP}_top{int(k)}" for k in rows["keep_experts"]], "ppl": rows["ppl_all"].values,
+                         "activated_params": rows["activated_params"].values,
+                         "activated_params_pct": rows["activated_params_pct"].values})
+
+
+def table1(ppl, paper, drop=None):
+    """PPL and activated params per model, beside the paper's row that the model plays; then, where the
+    run has them (`drop`: its collected drop.csv), the training-free top-k drop's rows at their activation.
 
     Activated params are given as a percent of the dense model's parameters (the paper's matching
     criterion), so a pruned model's smaller total counts too."""
-    ours = overall(ppl)
+    ours = overall(ppl).reset_index()[["model", "ppl", "activated_params", "activated_params_pct"]]
+    ours = pd.concat([ours, drop_topk_rows(drop)], ignore_index=True) if drop is not None else ours
     total = ours["activated_params"] / ours["activated_params_pct"] * 100
-    dense_total = total.get("dense", total.max())
+    dense_total = total[ours["model"] == "dense"].iloc[0] if (ours["model"] == "dense").any() else total.max()
     df = pd.DataFrame({
-        "model": ours.index,
+        "model": ours["model"].values,
         "params": total.round().astype("int64").values,
         "activated_params": ours["activated_params"].round().astype("int64").values,
         "activated_pct_of_dense": (100 * ours["activated_params"] / dense_total).values,

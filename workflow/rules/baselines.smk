@@ -41,3 +41,27 @@ rule drop_sweep:
         "dsmoe baseline drop --model {input.model} --data {input.data} --label {params.label}"
         " --thresholds {params.thresholds} --n-experts {params.n_experts}"
         " --batch-size {params.batch_size} {params.max_sequences} --out {output.drop} > {log} 2>&1"
+
+
+rule drop_topk:
+    """The training-free per-token top-k drop (config baselines.drop_keep_experts): each token keeps its K
+    experts of largest ||o_i||, one row per K; Table 1 shows each row at its activation."""
+    input:
+        model=rules.base_model.output.model,
+        data=rules.data.output.data,
+    output:
+        drop=f"{RESULTS}/eval/drop/topk/drop.csv",
+    params:
+        label=DROP,
+        keep_experts=" ".join(str(k) for k in config["baselines"]["drop_keep_experts"] or []),
+        n_experts=config["dsmoe"]["n_experts"],
+        max_sequences=max_sequences_flag(),
+        batch_size=config["eval"]["batch_size"],
+    log:
+        f"{LOGS}/drop_topk.log",
+    conda:
+        ENV
+    shell:
+        "dsmoe baseline drop --model {input.model} --data {input.data} --label {params.label}"
+        " --rule topk --keep-experts {params.keep_experts} --n-experts {params.n_experts}"
+        " --batch-size {params.batch_size} {params.max_sequences} --out {output.drop} > {log} 2>&1"

@@ -234,6 +234,14 @@ def prune_size_flag(wildcards, input):
     return flags
 
 
+def drop_outputs():
+    """The drop baseline's CSVs: the threshold sweep (unless baselines.drop_thresholds is empty) and the
+    per-token top-k drop (where baselines.drop_keep_experts lists K values); collect joins them."""
+    baselines = config["baselines"]
+    return ([f"{RESULTS}/eval/drop/drop.csv"] if baselines["drop_thresholds"] else []) + (
+        [f"{RESULTS}/eval/drop/topk/drop.csv"] if baselines["drop_keep_experts"] else [])
+
+
 def eval_outputs(kind, filename):
     return expand(f"{RESULTS}/eval/{kind}/{{model}}/{filename}", model=EVALUATED)
 

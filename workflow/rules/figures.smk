@@ -9,7 +9,7 @@ rule collect:
         sweep=expand(f"{RESULTS}/eval/sweep/{{sweep}}/sweep.csv", sweep=SWEPT),
         sweep_layers=expand(f"{RESULTS}/eval/sweep/{{sweep}}/sweep_layers.csv", sweep=SWEPT),
         sweep_windows=expand(f"{RESULTS}/eval/sweep/{{sweep}}/sweep_windows.csv", sweep=SWEPT),
-        drop=rules.drop_sweep.output.drop,
+        drop=drop_outputs(),
         milestones=milestone_outputs(),
         milestone_windows=milestone_outputs("milestone_windows.csv"),
     output:
