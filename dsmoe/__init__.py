@@ -1,27 +1,40 @@
-"""DSMoE: matrix-partitioned experts with dynamic routing for dense LLMs (EMNLP 2025)."""
+"""DSMoE: matrix-partitioned experts with dynamic routing for dense LLMs (EMNLP 2025).
+
+The public names load on first use (PEP 562), so that `import dsmoe.config` (the Snakefile's parse, every
+job's) imports no torch.
+"""
+
+import importlib
 
 from ._version import __version__
-from .accounting import RoutingRecorder, activated_params
-from .convert import ConversionOptions, convert
-from .hub import load_model
-from .losses import cv_balance_loss, load_balancing_loss, sparsity_loss
-from .model import VARIANTS, DSMoEConfig, DSMoEForCausalLM, DSMoEMLP, dsmoe_layers, set_no_gx_inference_rescale, set_tau
 
-__all__ = [
-    "VARIANTS",
-    "DSMoEConfig",
-    "DSMoEForCausalLM",
-    "DSMoEMLP",
-    "RoutingRecorder",
-    "__version__",
-    "activated_params",
-    "ConversionOptions",
-    "convert",
-    "dsmoe_layers",
-    "cv_balance_loss",
-    "load_balancing_loss",
-    "load_model",
-    "set_no_gx_inference_rescale",
-    "set_tau",
-    "sparsity_loss",
-]
+_PUBLIC = {  # name -> the submodule that defines it
+    "RoutingRecorder": "accounting",
+    "activated_params": "accounting",
+    "ConversionOptions": "convert",
+    "convert": "convert",
+    "load_model": "hub",
+    "cv_balance_loss": "losses",
+    "load_balancing_loss": "losses",
+    "sparsity_loss": "losses",
+    "VARIANTS": "model",
+    "DSMoEConfig": "model",
+    "DSMoEForCausalLM": "model",
+    "DSMoEMLP": "model",
+    "dsmoe_layers": "model",
+    "set_no_gx_inference_rescale": "model",
+    "set_tau": "model",
+}
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'dsmoe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value  # `dsmoe.convert`: the function, not the submodule its import bound here
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -14,6 +14,8 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import sys
+import types
 
 import torch
 
@@ -304,3 +306,15 @@ def cmd_convert(args):
     model = convert(model, options, calibration_ids=ids if args.gate_init == "calibrated" else None, partition_ids=ids)
     save_model(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"wrote {args.variant} model with {args.n_experts} experts per FFN, tau={args.tau}, to {args.out}")
+
+
+class _ConvertModule(types.ModuleType):
+    """`dsmoe.convert` names both this module and the package's `convert` function. The package loads its
+    names lazily (dsmoe/__init__.py), and `import dsmoe.convert` binds the module there: calling the module
+    calls the function, so `dsmoe.convert(model, ...)` works whichever came first."""
+
+    def __call__(self, *args, **kwargs):
+        return convert(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _ConvertModule

@@ -4,7 +4,11 @@ A *method* is what a results row is (the `variant` column of the CSVs): a DSMoE 
 (`dsmoe.model.VARIANTS`) or one of the dense rows below.
 """
 
-from .model import TOPK_VARIANTS, VARIANTS
+# The model's own variants (dsmoe/model/configuration_dsmoe.py keeps these too, since a checkpoint's code
+# imports nothing of the package; tests/test_layout.py checks both are the same). Kept here so that
+# the Snakefile's parse imports no torch.
+VARIANTS = ("dsmoe", "no_ste", "no_gx", "topk", "topk_switch")
+TOPK_VARIANTS = ("topk", "topk_switch")  # fixed k experts per token, no τ
 
 DENSE = "dense"  # the base model as it comes
 DENSE_CONTINUED = "dense_continued"  # the base model trained on the same data and budget

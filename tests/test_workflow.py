@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ENV, LOCAL_SMOKE_ARGS, ROOT, SMOKE, assert_complete, snakemake  # noqa: F401
 
 CONFIGS = sorted((ROOT / "config").glob("*.yaml"))
@@ -36,8 +37,12 @@ def test_dry_run(configfile, tmp_path):
         (tmp_path / "no_storycloze.yaml").write_text("eval: {skip_tasks: [storycloze_2016]}\n")
         extra = [str(tmp_path / "no_storycloze.yaml")]
     result = snakemake("--configfile", str(configfile), *extra, "-n", "--quiet", "rules", workdir=workdir)
+    baselines = yaml.safe_load(configfile.read_text()).get("baselines", {})
+    drops = (["drop_sweep"] if baselines.get("drop_thresholds") != [] else []) + \
+        (["drop_topk"] if baselines.get("drop_keep_experts") else [])  # the training-free drop: one kind at least
+    assert drops, f"{configfile.name} runs no drop baseline"
     for rule in ("base_model", "data", "convert", "pretrain", "eval_ppl", "lm_eval", "tau_sweep",
-                 "eval_milestones", "prune", "drop_sweep", "collect", "notebook_tables", "notebook_explorer"):
+                 "eval_milestones", "prune", *drops, "collect", "notebook_tables", "notebook_explorer"):
         assert rule in result.stdout, f"{configfile.name}: rule {rule} not planned"
     assert_parsing_wrote_no_file(workdir)
 

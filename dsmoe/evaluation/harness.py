@@ -25,11 +25,10 @@ import math
 import os
 from pathlib import Path
 
-import pandas as pd
-
-from ..accounting import RoutingRecorder, activated_params
 from ..atomic import atomic_file
-from ..model import dsmoe_layers
+
+# pandas, torch and the model load inside the functions that use them: the workflow's parse reads
+# only the suites and the Story Cloze checks here.
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +139,16 @@ def check_storycloze(tasks, storycloze_dir=None):
 
 
 def routing_recorder(model):
+    from ..accounting import RoutingRecorder
+    from ..model import dsmoe_layers
+
     return RoutingRecorder(model) if dsmoe_layers(model) else contextlib.nullcontext()
 
 
 def activation_report(model, recorder):
     if recorder is None:
+        from ..accounting import activated_params
+
         return {"tokens": None, "mean_active_experts": [], **activated_params(model)}
     report = recorder.report()
     report.pop("k_histogram")
@@ -203,6 +207,8 @@ def bench_rows(task, out, primary_metric):
 
 def bench_layers(activation):
     """Per task and layer mean active experts (the Fig. 3 heatmap over tasks) from run_bench's `activation`."""
+    import pandas as pd
+
     rows = [{"task": task, "layer": layer, "mean_active_experts": k}
             for task, report in activation.items() for layer, k in enumerate(report["mean_active_experts"])]
     return pd.DataFrame(rows, columns=["task", "layer", "mean_active_experts"])
@@ -217,6 +223,7 @@ def run_bench(model, tokenizer, tasks, limit=None, batch_size=8, storycloze_dir=
 
     With `cache_dir`, each task's output is kept there under `cache_key` and reused by a rerun.
     """
+    import pandas as pd
     from lm_eval.utils import handle_non_serializable
 
     check_storycloze(tasks, storycloze_dir)
