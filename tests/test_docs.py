@@ -147,12 +147,15 @@ def markdown_table(text):
 
 @pytest.mark.skipif(not TABLES.is_dir(), reason="results/cpu-study not committed")
 def test_tables_copied_into_the_docs_are_the_committed_ones():
-    """A `<!-- NAME:start -->` block holds rows and columns of results/cpu-study/tables/NAME.md, cell for cell."""
+    """A `<!-- NAME:start -->` block holds rows and columns of results/cpu-study/tables/NAME.md, cell for cell;
+    `<!-- RUN/NAME:start -->` those of results/RUN/tables/NAME.md."""
     blocks = 0
     for path in doc_files():
-        for name, block in re.findall(r"<!-- (\w+):start -->\n(.*?)<!-- \1:end -->", path.read_text(), re.S):
+        for key, block in re.findall(r"<!-- ((?:[\w-]+/)?\w+):start -->\n(.*?)<!-- \1:end -->", path.read_text(), re.S):
             blocks += 1
-            committed = markdown_table((TABLES / f"{name}.md").read_text())
+            run, _, name = key.rpartition("/")
+            tables = TABLES.parent.parent / run / "tables" if run else TABLES
+            committed = markdown_table((tables / f"{name}.md").read_text())
             shown = markdown_table(block)
             assert shown, f"{path.name}: empty {name} block"
             for key, row in shown.items():
