@@ -2,6 +2,7 @@
 and the threshold rules' refusal of thresholds that drop whole FFNs."""
 
 import copy
+import re
 import math
 
 import pandas as pd
@@ -150,3 +151,15 @@ def test_config_refuses_drop_keep_experts_above_n():
     with pytest.raises(ConfigError, match="drop_keep_experts"):
         validate_config({"baselines": {"drop_keep_experts": [6, 9]}})
     assert validate_config({})["baselines"]["drop_keep_experts"] is None
+
+
+def test_the_workflow_passes_each_drop_kind_its_settings(tmp_path):
+    """Rule drop_sweep runs baselines.drop_rule (it was ignored once); drop_topk runs drop_keep_experts."""
+    from conftest import SMOKE, snakemake
+
+    config = tmp_path / "drops.yaml"
+    config.write_text("baselines: {drop_rule: cumulative, drop_keep_experts: [4, 6]}\n")
+    planned = snakemake("--configfile", str(SMOKE), str(config), "-n", "-p", "results/smoke/eval/drop/drop.csv",
+                        "results/smoke/eval/drop/topk/drop.csv", workdir=tmp_path / "run").stdout
+    assert re.search(r"dsmoe baseline drop .*--rule cumulative --thresholds 0\.0 0\.05 0\.1 ", planned), planned
+    assert re.search(r"dsmoe baseline drop .*--rule topk --keep-experts 4 6 ", planned), planned

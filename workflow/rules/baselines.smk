@@ -30,6 +30,7 @@ rule drop_sweep:
     params:
         label=DROP,
         thresholds=" ".join(str(t) for t in config["baselines"]["drop_thresholds"]),
+        rule=config["baselines"]["drop_rule"],
         n_experts=config["dsmoe"]["n_experts"],
         max_sequences=max_sequences_flag(),
         batch_size=config["eval"]["batch_size"],
@@ -39,7 +40,7 @@ rule drop_sweep:
         ENV
     shell:
         "dsmoe baseline drop --model {input.model} --data {input.data} --label {params.label}"
-        " --thresholds {params.thresholds} --n-experts {params.n_experts}"
+        " --rule {params.rule} --thresholds {params.thresholds} --n-experts {params.n_experts}"
         " --batch-size {params.batch_size} {params.max_sequences} --out {output.drop} > {log} 2>&1"
 
 
