@@ -134,6 +134,7 @@ def test_bf16_auto_precision_only_where_bf16_is_fast(monkeypatch):
     """`train.mixed_precision: auto` picks bf16 on a CPU with AMX tiles and fp32 on one without."""
     from dsmoe.train.trainer import resolve_mixed_precision
 
+    monkeypatch.delenv("DSMOE_CPU_KIND", raising=False)  # the probes below decide, not `DSMOE_CPU_KIND=avx2 make test`
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert resolve_mixed_precision("auto") == "bf16"

@@ -270,7 +270,8 @@ def test_preemption_through_slurm_resubmits_and_resumes_to_the_uninterrupted_mod
     env = {**slurm.env, "PATH": ENV["PATH"]}
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
                "--cores", "all", "--profile", "slurm", "--slurm-init-seconds-before-status-checks", "2",
-               "--seconds-between-status-checks", "2", target,  # before --configfile, which takes all after it
+               "--seconds-between-status-checks", "2", target,  # before the options that take every word after them
+               "--set-threads", "pretrain=1",  # one thread, as the run outside SLURM below
                "--configfile", *configs]
     head = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline, job = time.time() + 600, None
@@ -290,7 +291,8 @@ def test_preemption_through_slurm_resubmits_and_resumes_to_the_uninterrupted_mod
     whole = tmp_path / "whole"  # the same training, uninterrupted, outside SLURM
     subprocess.run([sys.executable, "-m", "dsmoe.cli", "train", "--config", str(tmp_path / "results/smoke/config.yaml"),
                     "--init", str(tmp_path / "results/smoke/init/dsmoe"), "--data", str(tmp_path / "resources/smoke/data"),
-                    "--variant", "dsmoe", "--out", str(whole)], cwd=ROOT, env=ENV, check=True, capture_output=True)
+                    "--variant", "dsmoe", "--out", str(whole)], cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, check=True,
+                   capture_output=True)  # one thread as in the job: fp32 sums in another order on two
     assert_same_model(whole, run_dir)
     before, after = read_log(whole), read_log(run_dir)
     assert after[-1]["lm_loss"] == pytest.approx(before[-1]["lm_loss"], abs=1e-6)
