@@ -4,7 +4,7 @@ The public names load on first use (PEP 562), so that `import dsmoe.config` (the
 job's) imports no torch.
 """
 
-import importlib
+from .lazy import lazy_exports
 
 from ._version import __version__
 
@@ -27,14 +27,4 @@ _PUBLIC = {  # name -> the submodule that defines it
 }
 __all__ = ["__version__", *_PUBLIC]
 
-
-def __getattr__(name):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'dsmoe' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
-    globals()[name] = value  # `dsmoe.convert`: the function, not the submodule its import bound here
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_PUBLIC))
+__getattr__, __dir__ = lazy_exports(globals(), _PUBLIC)

@@ -154,7 +154,7 @@ def test_tables_copied_into_the_docs_are_the_committed_ones():
         for key, block in re.findall(r"<!-- ((?:[\w-]+/)?\w+):start -->\n(.*?)<!-- \1:end -->", path.read_text(), re.S):
             blocks += 1
             run, _, name = key.rpartition("/")
-            tables = TABLES.parent.parent / run / "tables" if run else TABLES
+            tables = ROOT / "results" / run / "tables" if run else TABLES
             committed = markdown_table((tables / f"{name}.md").read_text())
             shown = markdown_table(block)
             assert shown, f"{path.name}: empty {name} block"
