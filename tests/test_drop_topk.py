@@ -5,14 +5,16 @@ import copy
 import re
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dsmoe.baselines.drop import (DropRecorder, PartitionedDropMLP, partition_for_drop, set_keep_experts,
-                                  set_threshold)
+from dsmoe.baselines.drop import (SETTING_COLUMNS, DropRecorder, PartitionedDropMLP, drop_sweep, partition_for_drop,
+                                  set_keep_experts, set_threshold)
+from dsmoe.evaluation.perplexity import WINDOW_COLUMNS, evaluate_ppl
 from test_baselines import write_fixture_data
 
 
@@ -99,6 +101,59 @@ def test_expert_rule_refuses_thresholds_at_or_above_one_over_n(n, threshold):
 
 
 
+def validation_sets(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return {"code": torch.randint(0, 128, (5, 12), generator=g).numpy(),
+            "prose": torch.randint(0, 128, (3, 12), generator=g).numpy()}
+
+
+def drop_windows(dense, validation, n, k):
+    model = partition_for_drop(copy.deepcopy(dense), n, rule="topk")
+    return drop_sweep(model, validation, [k], "drop", batch_size=3).attrs["windows"]
+
+
+def brute_force_window_nll(dense, validation, n, k):
+    """Each window's summed next-token NLL, float64, with every MLP replaced by `brute_force_topk`."""
+    model = copy.deepcopy(dense)
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        mlp.forward = lambda h, mlp=mlp: brute_force_topk(h.reshape(-1, h.shape[-1]), mlp, n, k)[0].view(h.shape)
+    rows = []
+    with torch.no_grad():
+        for source, windows in validation.items():
+            for w, ids in enumerate(windows):
+                logp = torch.log_softmax(model(input_ids=torch.from_numpy(ids)[None]).logits[0], dim=-1)
+                nll = -sum(float(logp[t, ids[t + 1]]) for t in range(len(ids) - 1))
+                rows.append({"source": source, "window": w, "nll": nll, "tokens": len(ids) - 1})
+    return pd.DataFrame(rows)
+
+
+def test_drop_windows_at_k_equal_n_are_the_dense_models_windows():
+    """K = n is the dense FFN bit for bit: the windows equal evaluate_ppl's on the dense model, tolerance 0."""
+    dense, validation = tiny_llama(), validation_sets()
+    got = drop_windows(dense, validation, 8, 8)
+    assert list(got.columns) == SETTING_COLUMNS + WINDOW_COLUMNS and len(got) == 8
+    assert (got.keep_experts == 8).all() and (got.rule == "topk").all() and got.threshold.isna().all()
+    assert got.activated_params_pct.eq(100.0).all()
+    expected = evaluate_ppl(dense, validation, batch_size=3, progress=False).attrs["windows"]
+    pd.testing.assert_frame_equal(got[WINDOW_COLUMNS], expected, check_exact=True)
+
+
+@pytest.mark.parametrize("n, k", [(8, 3), (4, 1)])
+def test_drop_windows_below_n_equal_a_brute_force_mask(n, k):
+    """K < n: the per-window NLL equals the float64 brute force to 1e-6 relative (evaluate_ppl takes the
+    cross-entropy in float32), and differs from the dense model's."""
+    dense, validation = tiny_llama(seed=5), validation_sets()
+    got = drop_windows(dense, validation, n, k)
+    expected = brute_force_window_nll(dense, validation, n, k)
+    pd.testing.assert_frame_equal(got[["source", "window", "tokens"]], expected[["source", "window", "tokens"]],
+                                  check_dtype=False)
+    np.testing.assert_allclose(got.nll, expected.nll, rtol=1e-6)
+    assert (got.activated_params_pct < 100.0).all() and (got.keep_experts == k).all()
+    dense_nll = evaluate_ppl(dense, validation, batch_size=3, progress=False).attrs["windows"].nll
+    assert not np.allclose(got.nll, dense_nll, rtol=1e-4)
+
+
 def test_cli_topk_one_row_per_k(tmp_path, smollm2_tokenizer):
     from dsmoe.cli import main
 
@@ -123,8 +178,14 @@ def test_cli_topk_one_row_per_k(tmp_path, smollm2_tokenizer):
                 ["--rule", "topk", "--thresholds", "0.1"], ["--thresholds", "0.2"], ["--keep-experts", "3"]):
         out = tmp_path / "bad.csv"
         assert main(["baseline", "drop", "--model", str(model_dir), "--data", str(data), *bad, "--out", str(out)]) == 2
-        assert not out.exists()
+        assert not out.exists() and not (tmp_path / "bad_windows.csv").exists()
     assert math.isfinite(df.ppl_all[2])
+    windows = pd.read_csv(tmp_path / "drop_windows.csv")
+    assert list(windows.columns) == SETTING_COLUMNS + WINDOW_COLUMNS
+    for row in df.itertuples():  # each K's windows pool to its ppl_all
+        rows = windows[windows.keep_experts == row.keep_experts]
+        assert (rows.activated_params_pct == row.activated_params_pct).all()
+        assert math.exp(rows.nll.sum() / rows.tokens.sum()) == pytest.approx(row.ppl_all, rel=1e-9)
 
 
 def test_table1_shows_the_topk_drop_rows_at_their_activation():

@@ -21,13 +21,21 @@ def cmd_drop(args):
     check_n_experts(args.n_experts)
     settings = check_drop_settings(args, check_keep_experts, check_threshold)
     check_output_file(args.out)
+    windows_out = check_output_file(windows_path(args.out), "--out's windows file")
     validation = load_validation(args.data)
     model, _ = load_model(args.model, tokenizer=False)
     partition_for_drop(model, args.n_experts, rule=args.rule)
     label = args.label or Path(args.model.rstrip("/")).name
     df = drop_sweep(model, validation, settings, label, args.batch_size, args.max_sequences)
+    write_csv(df.attrs["windows"], windows_out)  # first: a drop.csv always has its windows beside it
     write_csv(df, args.out)
     print(df.to_string(index=False))
+
+
+def windows_path(out):
+    """The per-window NLL file written beside a drop CSV: drop.csv -> drop_windows.csv."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_windows.csv")
 
 
 def check_drop_settings(args, check_keep_experts, check_threshold):
@@ -101,7 +109,8 @@ def register(subparsers):
     p.add_argument("--batch-size", type=int, default=8, help="validation sequences per forward (default 8)")
     p.add_argument("--max-sequences", type=int, default=None, help="cap on validation sequences per source")
     p.add_argument("--label", default=None, help="value of the model column (default: the model directory's name)")
-    p.add_argument("--out", required=True, help="output CSV: one row per threshold or K (written atomically)")
+    p.add_argument("--out", required=True, help="output CSV: one row per threshold or K; beside it, OUT_windows.csv "
+                                                "(drop.csv: drop_windows.csv), each row's per-window NLL (written atomically)")
     p.set_defaults(func=cmd_drop)
 
     p = commands.add_parser("prune", help="static pruning: sparsegpt, llm_pruner_channel, llm_pruner_block (the paper's rows), "

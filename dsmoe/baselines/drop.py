@@ -191,14 +191,19 @@ class DropRecorder(accounting.RoutingRecorder):
         super().__init__(model, layers)
 
 
+SETTING_COLUMNS = ["model", "variant", "rule", "threshold", "keep_experts", "activated_params_pct"]  # of attrs["windows"]
+
+
 def drop_sweep(model, validation, settings, label, batch_size=8, max_sequences=None):
     """One row per setting (a threshold, or K for rule topk): ppl per source and pooled, activated params,
     mean kept experts. Columns: model, variant, rule, threshold (NaN for topk), ppl_<source>..., tokens,
-    total_params, activated_params, activated_params_pct, mean_active_experts, keep_experts (NaN but for topk)."""
-    from ..evaluation.perplexity import evaluate_ppl
+    total_params, activated_params, activated_params_pct, mean_active_experts, keep_experts (NaN but for topk).
+    `df.attrs["windows"]`: each setting's per-window NLL as `evaluate_ppl` gives it (source, window, nll,
+    tokens), after the setting's `SETTING_COLUMNS`, for paired bootstraps against the trained models."""
+    from ..evaluation.perplexity import WINDOW_COLUMNS, evaluate_ppl
 
     rule = _layers_of(model)[0].rule
-    rows = []
+    rows, windows = [], []
     for setting in tqdm(settings, desc="drop settings"):
         (set_keep_experts if rule == "topk" else set_threshold)(model, setting)
         with DropRecorder(model) as recorder:
@@ -211,7 +216,10 @@ def drop_sweep(model, validation, settings, label, batch_size=8, max_sequences=N
                    mean_active_experts=float(np.mean(report["mean_active_experts"])),
                    keep_experts=int(setting) if rule == "topk" else math.nan)
         rows.append(row)
-    return pd.DataFrame(rows)
+        windows.append(ppl.attrs["windows"].assign(**{column: row[column] for column in SETTING_COLUMNS}))
+    df = pd.DataFrame(rows)
+    df.attrs["windows"] = pd.concat(windows, ignore_index=True)[SETTING_COLUMNS + WINDOW_COLUMNS]
+    return df
 
 
 __all__ = ["DropRecorder", "PartitionedDropMLP", "activated_params", "drop_layers", "drop_sweep", "partition_for_drop",
