@@ -31,9 +31,10 @@ SWEEPS = {
     "no_gx": ("no_gx", "no_gx_tau_sweep", True),
     "no_gx_unscaled": ("no_gx", "no_gx_tau_sweep", False),
 }
-# results/<run>/data/<name>.csv; *windows: per-window NLL of eval ppl | sweep | milestones (bootstrap intervals)
+# results/<run>/data/<name>.csv; *windows: per-window NLL of eval ppl | sweep | baseline drop | milestones
+# (bootstrap intervals)
 RUN_DATA = ["ppl", "layers", "windows", "bench", "bench_layers", "sweep", "sweep_layers", "sweep_windows", "drop",
-            "milestones", "milestone_windows"]
+            "drop_windows", "milestones", "milestone_windows"]
 TABLES = ["table1", "table2", "table3", "table4", "table5_6", "claims"]  # results/<run>/tables/<name>.{csv,md}
 FIXED_ROUTING = TOPK_VARIANTS  # variants whose routing is fixed (always k experts): their heatmaps are a reference
 

@@ -215,12 +215,17 @@ def test_config_refuses_drop_keep_experts_above_n():
 
 
 def test_the_workflow_passes_each_drop_kind_its_settings(tmp_path):
-    """Rule drop_sweep runs baselines.drop_rule (it was ignored once); drop_topk runs drop_keep_experts."""
+    """Rule drop_sweep runs baselines.drop_rule (it was ignored once); drop_topk runs drop_keep_experts. Both
+    declare the drop_windows.csv written beside their drop.csv, and collect gathers both."""
     from conftest import SMOKE, snakemake
 
     config = tmp_path / "drops.yaml"
     config.write_text("baselines: {drop_rule: cumulative, drop_keep_experts: [4, 6]}\n")
-    planned = snakemake("--configfile", str(SMOKE), str(config), "-n", "-p", "results/smoke/eval/drop/drop.csv",
-                        "results/smoke/eval/drop/topk/drop.csv", workdir=tmp_path / "run").stdout
-    assert re.search(r"dsmoe baseline drop .*--rule cumulative --thresholds 0\.0 0\.05 0\.1 ", planned), planned
-    assert re.search(r"dsmoe baseline drop .*--rule topk --keep-experts 4 6 ", planned), planned
+    planned = snakemake("--configfile", str(SMOKE), str(config), "-n", "-p", "results/smoke/eval/drop/drop_windows.csv",
+                        "results/smoke/eval/drop/topk/drop_windows.csv", "results/smoke/data/drop_windows.csv",
+                        workdir=tmp_path / "run").stdout
+    assert re.search(r"dsmoe baseline drop .*--rule cumulative --thresholds 0\.0 0\.05 0\.1 .*--out \S*eval/drop/drop\.csv",
+                     planned), planned
+    assert re.search(r"dsmoe baseline drop .*--rule topk --keep-experts 4 6 .*--out \S*eval/drop/topk/drop\.csv", planned), planned
+    collect = re.search(r"dsmoe report collect .*", planned).group(0)
+    assert "eval/drop/drop_windows.csv" in collect and "eval/drop/topk/drop_windows.csv" in collect, collect

@@ -356,6 +356,7 @@ def test_an_older_run_without_window_files_still_loads(tmp_path):
         (ppl if name == "ppl" else pd.DataFrame(columns=["model"])).to_csv(data / f"{name}.csv", index=False)
     run = report.load_run(tmp_path / "run")
     assert run["windows"].empty and run["sweep_windows"].empty and run["milestone_windows"].empty
+    assert run["drop_windows"].empty
     claims = report.claims(run["ppl"], run["sweep"], run["layers"], run["windows"], run["sweep_windows"],
                            run["milestones"], run["milestone_windows"]).set_index("claim")
     assert claims.loc["DSMoE beats no-STE", "reproduced"] == "n/a"

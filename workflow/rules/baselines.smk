@@ -21,12 +21,13 @@ rule prune:
 
 rule drop_sweep:
     """Training-free partition and drop (an oracle on the dense FFN, after DualSparse-MoE): drop weak
-    experts per token, over a sweep of thresholds."""
+    experts per token, over a sweep of thresholds; drop_windows.csv: each threshold's per-window NLL."""
     input:
         model=rules.base_model.output.model,
         data=rules.data.output.data,
     output:
         drop=f"{RESULTS}/eval/drop/drop.csv",
+        windows=f"{RESULTS}/eval/drop/drop_windows.csv",  # written beside --out
     params:
         label=DROP,
         thresholds=" ".join(str(t) for t in config["baselines"]["drop_thresholds"]),
@@ -46,12 +47,14 @@ rule drop_sweep:
 
 rule drop_topk:
     """The training-free per-token top-k drop (config baselines.drop_keep_experts): each token keeps its K
-    experts of largest ||o_i||, one row per K; Table 1 shows each row at its activation."""
+    experts of largest ||o_i||, one row per K; Table 1 shows each row at its activation. drop_windows.csv:
+    each K's per-window NLL (the claim against DSMoE at matched activation)."""
     input:
         model=rules.base_model.output.model,
         data=rules.data.output.data,
     output:
         drop=f"{RESULTS}/eval/drop/topk/drop.csv",
+        windows=f"{RESULTS}/eval/drop/topk/drop_windows.csv",  # written beside --out
     params:
         label=DROP,
         keep_experts=" ".join(str(k) for k in config["baselines"]["drop_keep_experts"] or []),

@@ -234,12 +234,13 @@ def prune_size_flag(wildcards, input):
     return flags
 
 
-def drop_outputs():
-    """The drop baseline's CSVs: the threshold sweep (unless baselines.drop_thresholds is empty) and the
-    per-token top-k drop (where baselines.drop_keep_experts lists K values); collect joins them."""
+def drop_outputs(filename="drop.csv"):
+    """The drop baseline's CSVs (drop.csv, or drop_windows.csv): the threshold sweep (unless
+    baselines.drop_thresholds is empty) and the per-token top-k drop (where baselines.drop_keep_experts
+    lists K values); collect joins them."""
     baselines = config["baselines"]
-    return ([f"{RESULTS}/eval/drop/drop.csv"] if baselines["drop_thresholds"] else []) + (
-        [f"{RESULTS}/eval/drop/topk/drop.csv"] if baselines["drop_keep_experts"] else [])
+    return ([f"{RESULTS}/eval/drop/{filename}"] if baselines["drop_thresholds"] else []) + (
+        [f"{RESULTS}/eval/drop/topk/{filename}"] if baselines["drop_keep_experts"] else [])
 
 
 def eval_outputs(kind, filename):

@@ -10,6 +10,7 @@ rule collect:
         sweep_layers=expand(f"{RESULTS}/eval/sweep/{{sweep}}/sweep_layers.csv", sweep=SWEPT),
         sweep_windows=expand(f"{RESULTS}/eval/sweep/{{sweep}}/sweep_windows.csv", sweep=SWEPT),
         drop=drop_outputs(),
+        drop_windows=drop_outputs("drop_windows.csv"),
         milestones=milestone_outputs(),
         milestone_windows=milestone_outputs("milestone_windows.csv"),
     output:
@@ -22,6 +23,7 @@ rule collect:
         sweep_layers=f"{RESULTS}/data/sweep_layers.csv",
         sweep_windows=f"{RESULTS}/data/sweep_windows.csv",
         drop=f"{RESULTS}/data/drop.csv",
+        drop_windows=f"{RESULTS}/data/drop_windows.csv",
         milestones=f"{RESULTS}/data/milestones.csv",
         milestone_windows=f"{RESULTS}/data/milestone_windows.csv",
     params:
