@@ -55,7 +55,8 @@ def test_tables_claims_and_figures_rebuild_from_the_committed_csvs(level, tmp_pa
     claims = report.claims(data["ppl"], data["sweep"], data["layers"], windows=data["windows"],
                            sweep_windows=data["sweep_windows"], milestones=data["milestones"],
                            milestone_windows=data["milestone_windows"],
-                           train_tokens=report.run_config(study).get("train", {}).get("tokens"))
+                           train_tokens=report.run_config(study).get("train", {}).get("tokens"),
+                           drop=data["drop"], drop_windows=data["drop_windows"])
     for table, kind in ((claims, "claims"), (table1, "table1")):  # the committed tables are the code's
         report.save_table(table, tmp_path, kind)
         assert_same_table(tmp_path / f"{kind}.csv", study / "tables" / f"{kind}.csv")

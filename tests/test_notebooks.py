@@ -142,14 +142,14 @@ def test_claims_yes_and_no():
     good = pd.concat([_sweep("dsmoe", [(0.3, 9.0, 65.0), (0.5, 10.0, 60.0), (0.7, 12.0, 55.0)]),
                       _sweep("no_gx", [(0.2, 15.0, 70.0), (0.5, 20.0, 58.0)])])
     claims = _claims(ppl, good)["reproduced"]
-    # no pruning baseline, no unscaled no-G sweep, no layers, no milestones
-    assert list(claims) == ["yes", "yes", "yes", "n/a", "yes", "n/a", "n/a", "n/a"]
+    # no pruning baseline, no top-k drop, no unscaled no-G sweep, no layers, no milestones
+    assert list(claims) == ["yes", "yes", "yes", "n/a", "n/a", "yes", "n/a", "n/a", "n/a"]
 
     bad_ppl = _ppl_rows([("dsmoe", 13.0, 60.0), ("no_ste", 12.0, 60.0), ("topk", 9.0, 61.0)])
     bad = pd.concat([_sweep("dsmoe", [(0.3, 9.0, 65.0), (0.5, 8.0, 60.0), (0.7, 12.0, 62.0)]),
                      _sweep("no_gx", [(0.2, 5.0, 70.0), (0.5, 6.0, 58.0)])])
     claims = _claims(bad_ppl, bad)["reproduced"]
-    assert list(claims) == ["no", "no", "no", "n/a", "no", "n/a", "n/a", "n/a"]
+    assert list(claims) == ["no", "no", "no", "n/a", "n/a", "no", "n/a", "n/a", "n/a"]
 
 
 def test_claims_interpolate_at_matched_activation():

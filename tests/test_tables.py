@@ -242,7 +242,7 @@ def test_claims_state_the_w_shape_and_both_no_g_curves():
     ppl = ppl_rows([("dsmoe", 10.0, 60.0), ("no_ste", 12.0, 60.0), ("topk", 11.0, 61.0)])
     sweep = sweep_rows(CURVES)
     claims = claims_of(ppl, sweep, layers_of(W_PROFILES["textbook W, 10 layers"]))
-    assert len(claims) == 8 and list(claims.reset_index().columns) == reproduced.COLUMNS
+    assert len(claims) == 9 and list(claims.reset_index().columns) == reproduced.COLUMNS
     scaled, unscaled = (claims.loc[f"no-G ({how}) is worse at matched activation"] for how in ("n/k at inference", "no n/k at inference"))
     assert scaled["reproduced"] == "yes" and scaled["ci_low"] > 0
     assert unscaled["reproduced"] == "no" and unscaled["ci_high"] < 0

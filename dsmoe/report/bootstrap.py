@@ -5,7 +5,9 @@ tokens), so two models are compared window by window: a replicate resamples the 
 replacement, each source keeping its window count (stratified), and applies the same resampled
 windows to both models (paired). Its statistic is ppl = exp(Σ nll / Σ tokens) over the resampled
 windows, for each model, and their difference. A side of a comparison may also be a weighted sum of
-ppls, each over the same replicate: a τ-sweep curve interpolated between two of its τ rows.
+ppls, each over the same replicate: a τ-sweep curve interpolated between two of its τ rows; or one
+frame of per-window NLL blended between two rows (`log_blend`): the top-k drop interpolated in
+log-perplexity between two K.
 """
 
 from functools import lru_cache
@@ -65,17 +67,28 @@ def resample_indices(sources, n_boot=N_BOOT, seed=SEED):
     return _stratified(tuple(np.diff(np.r_[starts, len(sources)]).tolist()), n_boot, seed)
 
 
-def interpolation(curve, activated_pct):
+def interpolation(curve, activated_pct, key="tau"):
     """`[(weight, tau), (weight, tau)]`: the two neighbouring τ rows of a sweep `curve` around
-    `activated_pct`, weighted linearly in activated params % (as np.interp); None outside its range."""
+    `activated_pct`, weighted linearly in activated params % (as np.interp); None outside its range.
+    `key`: the column that names a row (τ; keep_experts for the top-k drop)."""
     curve = curve.sort_values("activated_params_pct")
-    x, taus = curve["activated_params_pct"].to_numpy(float), curve["tau"].to_numpy(float)
+    x, taus = curve["activated_params_pct"].to_numpy(float), curve[key].to_numpy(float)
     if len(x) == 0 or not x[0] <= activated_pct <= x[-1]:
         return None
     hi = max(int(np.searchsorted(x, activated_pct)), 1) if len(x) > 1 else 0
     lo = max(hi - 1, 0)
     weight = (activated_pct - x[lo]) / (x[hi] - x[lo]) if x[hi] > x[lo] else 1.0
     return [(1.0 - weight, float(taus[lo])), (weight, float(taus[hi]))]
+
+
+def log_blend(terms, names=("A", "B")):
+    """One windows frame whose nll is Σ weight × nll of `terms` (`[(weight, frame)]`, the same windows):
+    over any resample its ppl is exp of the weighted log-ppls, an interpolation in log-perplexity."""
+    sources, arrays = _aligned([frame for _, frame in terms], names)
+    first = terms[0][1].sort_values(["source", "window"]).reset_index(drop=True)
+    nll = sum(weight * term_nll for (weight, _), (term_nll, _) in zip(terms, arrays))
+    return pd.DataFrame({"source": sources, "window": first["window"].to_numpy(), "nll": nll,
+                         "tokens": first["tokens"].to_numpy()})
 
 
 def _terms(side):

@@ -43,7 +43,8 @@ def cmd_claims(args):
     table = claims(data["ppl"], data["sweep"], data["layers"], windows=data["windows"],
                    sweep_windows=data["sweep_windows"], milestones=data["milestones"],
                    milestone_windows=data["milestone_windows"],
-                   train_tokens=run_config(args.run).get("train", {}).get("tokens"))
+                   train_tokens=run_config(args.run).get("train", {}).get("tokens"), drop=data["drop"],
+                   drop_windows=data["drop_windows"])
     save_table(table, Path(args.run) / "tables", "claims")
     for row in table.itertuples():
         print(f"{row.claim}: {row.reproduced}")

@@ -16,6 +16,9 @@ A τ-sweep side is interpolated between its two neighbouring τ rows at the othe
 (linear in activated params, as `dsmoe.report.bootstrap.interpolation`), so that inside the sweep's
 range the two sides are matched exactly; outside it the sweep's nearest τ row stands at its own
 activation and the rule above decides.
+The training-free top-k drop is interpolated the same way between the two K rows that bracket DSMoE's
+activation, but in log-perplexity, window by window (`dsmoe.report.bootstrap.log_blend`); outside its
+K range the claim is not testable (the nearest K's numbers are kept for reading).
 
 A short run says nothing about quality: where the run trains fewer than `MIN_TOKENS` tokens per
 model (`train.tokens`, the demo's budget), every quality comparison is "not testable in the demo",

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from .bootstrap import PairedDiff, interpolation, paired_bootstrap, windows_of
+from .bootstrap import PairedDiff, interpolation, log_blend, paired_bootstrap, windows_of
 from .matched import NOT_TESTABLE, RULE, short_run, verdict, why  # noqa: F401 (RULE: the notebook states it)
 from .run_data import overall
 from .shape import w_shape_claim
@@ -22,6 +22,7 @@ COLUMNS = ["claim", "reproduced", "evidence", "ppl_a", "ppl_b", "activated_pct_a
            "ci_high"]
 NO_WINDOWS = "n/a: no per-window data"
 MONOTONE = "PPL against activated params is monotone in τ"
+DROP_CLAIM = "DSMoE beats the training-free top-k drop at matched activation"
 TOKENS = "PPL falls with continued-pretraining tokens"
 
 
@@ -59,7 +60,8 @@ def _compare(claim, ours, other, short=None, ours_first=True):
     """The line of "`ours` beats `other`" under the matched-activation rule (`dsmoe.report.matched`).
 
     `ours_first`: ppl_a is ours (the claim reads "ours beats other"); else ppl_a is the other's (the
-    claim reads "other is worse"). `short`: the reason a short run makes no quality comparison."""
+    claim reads "other is worse"). `short`: the reason no verdict is given (a short run, a side out of
+    range); the numbers stay for reading."""
     a, b = (ours, other) if ours_first else (other, ours)
     text = f"{a.label} {a.ppl:.4g}{a.how} vs {b.label} {b.ppl:.4g}{b.how}"
     pcts = (a.pct, b.pct)
@@ -175,6 +177,44 @@ def _no_gx_claim(ours, sweep, sweep_windows, windows, label, how_scaled, short):
     return _compare(claim, dsmoe, other, short, ours_first=False)
 
 
+def _drop_curve(drop):
+    """The top-k drop's rows of a collected drop.csv (rule topk), one per K; an empty frame where it has none."""
+    if drop is None or drop.empty or not {"rule", "keep_experts", "ppl_all", "activated_params_pct"} <= set(drop):
+        return pd.DataFrame(columns=["keep_experts", "ppl_all", "activated_params_pct"])
+    rows = drop[drop["rule"] == "topk"].drop_duplicates("keep_experts", keep="last")
+    return rows.astype({"keep_experts": float, "ppl_all": float, "activated_params_pct": float})
+
+
+def _drop_side(curve, drop_windows, weights, pct):
+    """The `Side` of the top-k drop at `pct`: per window, its NLL blended between the K rows of `weights`
+    (`[(weight, K)]`, one or two): linear in log-perplexity (`bootstrap.log_blend`)."""
+    ppl_at = curve.set_index("keep_experts")["ppl_all"]
+    frames = [(w, windows_of(_rows(drop_windows, "rule", "topk"), keep_experts=k)) for w, k in weights]
+    ks = [f"{k:g}" for _, k in weights]
+    windows = frames if _missing(frames) else log_blend(frames, (f"top-k drop K={ks[0]}", f"top-k drop K={ks[-1]}"))
+    ppl = math.exp(sum(w * math.log(ppl_at[k]) for w, k in weights))
+    how = f" (K {ks[0]})" if len(ks) == 1 else f" (interpolated in log-PPL between K {ks[0]} and {ks[1]})"
+    return Side("top-k drop", windows, ppl, float(pct), how)
+
+
+def _drop_claim(ours, windows, drop, drop_windows, short):
+    """DSMoE at its own τ against the training-free top-k drop at DSMoE's activated %, interpolated between
+    the two K that bracket it (matched); outside the K range not testable, the nearest K's numbers kept."""
+    curve = _drop_curve(drop)
+    if "dsmoe" not in ours.index or curve.empty:
+        return _line(DROP_CLAIM, "n/a", "dsmoe or the top-k drop (baselines.drop_keep_experts) missing from this run")
+    dsmoe = _model_side(ours, windows, "dsmoe", "DSMoE")
+    weights = interpolation(curve, dsmoe.pct, key="keep_experts")
+    if weights is not None:
+        return _compare(DROP_CLAIM, dsmoe, _drop_side(curve, drop_windows, weights, dsmoe.pct), short)
+    pcts = curve.set_index("keep_experts")["activated_params_pct"]
+    nearest = (pcts - dsmoe.pct).abs().idxmin()
+    outside = (f"{NOT_TESTABLE}: DSMoE's {dsmoe.pct:.1f}% activated params lies outside the top-k drop's range, "
+               f"{pcts.min():.1f}% (K {pcts.idxmin():g}) to {pcts.max():.1f}% (K {pcts.idxmax():g})")
+    side = _drop_side(curve, drop_windows, [(1.0, nearest)], pcts[nearest])
+    return _compare(DROP_CLAIM, dsmoe, side, "; ".join(filter(None, [short, outside])))
+
+
 def _is_true(values):
     return values.astype(str).str.lower() == "true"
 
@@ -206,19 +246,21 @@ def _token_claim(milestones, milestone_windows, short):
 
 
 def claims(ppl, sweep, layers=None, windows=None, sweep_windows=None, milestones=None, milestone_windows=None,
-           train_tokens=None):
+           train_tokens=None, drop=None, drop_windows=None):
     """One line per qualitative claim of the paper: reproduced yes/no/not testable/n/a, the numbers
     behind it, and for a perplexity comparison ppl_a, ppl_b, each side's activated params (%),
     diff = ppl_a − ppl_b and its 95% interval (NaN elsewhere). Two-model comparisons follow
     `dsmoe.report.matched` (its `RULE`).
 
-    `windows`, `sweep_windows`, `milestone_windows`: the per-window NLL of `dsmoe eval ppl | sweep |
-    milestones` (collected windows.csv, sweep_windows.csv, milestone_windows.csv). `train_tokens`:
-    the run's continued-pretraining tokens per model (train.tokens); below `matched.MIN_TOKENS` the
-    quality comparisons are not testable (the demo)."""
+    `windows`, `sweep_windows`, `milestone_windows`, `drop_windows`: the per-window NLL of `dsmoe eval
+    ppl | sweep | milestones`, `dsmoe baseline drop` (collected windows.csv, sweep_windows.csv,
+    milestone_windows.csv, drop_windows.csv); `drop`: the collected drop.csv. `train_tokens`: the run's
+    continued-pretraining tokens per model (train.tokens); below `matched.MIN_TOKENS` the quality
+    comparisons are not testable (the demo)."""
     ours, short = overall(ppl), short_run(train_tokens)
     lines = [_monotone_claim(sweep, sweep_windows), _no_ste_claim(ours, windows, short),
-             _topk_claim(ours, sweep, sweep_windows, windows, short), *_prune_claims(ours, windows, short)]
+             _topk_claim(ours, sweep, sweep_windows, windows, short), *_prune_claims(ours, windows, short),
+             _drop_claim(ours, windows, drop, drop_windows, short)]
     for label, how_scaled in (("no_gx", "n/k at inference"), ("no_gx_unscaled", "no n/k at inference")):
         lines.append(_no_gx_claim(ours, sweep, sweep_windows, windows, label, how_scaled, short))
     shaped, evidence = w_shape_claim(layers)
