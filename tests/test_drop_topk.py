@@ -226,6 +226,7 @@ def test_the_workflow_passes_each_drop_kind_its_settings(tmp_path):
                         workdir=tmp_path / "run").stdout
     assert re.search(r"dsmoe baseline drop .*--rule cumulative --thresholds 0\.0 0\.05 0\.1 .*--out \S*eval/drop/drop\.csv",
                      planned), planned
-    assert re.search(r"dsmoe baseline drop .*--rule topk --keep-experts 4 6 .*--out \S*eval/drop/topk/drop\.csv", planned), planned
+    assert re.search(r"dsmoe baseline drop .*--rule topk --keep-experts 4 6 .*--out \S*eval/drop/topk/drop\.csv",
+                     planned), planned
     collect = re.search(r"dsmoe report collect .*", planned).group(0)
     assert "eval/drop/drop_windows.csv" in collect and "eval/drop/topk/drop_windows.csv" in collect, collect

@@ -109,8 +109,8 @@ def register(subparsers):
     p.add_argument("--batch-size", type=int, default=8, help="validation sequences per forward (default 8)")
     p.add_argument("--max-sequences", type=int, default=None, help="cap on validation sequences per source")
     p.add_argument("--label", default=None, help="value of the model column (default: the model directory's name)")
-    p.add_argument("--out", required=True, help="output CSV: one row per threshold or K; beside it, OUT_windows.csv "
-                                                "(drop.csv: drop_windows.csv), each row's per-window NLL (written atomically)")
+    p.add_argument("--out", required=True, help="output CSV, one row per threshold or K; beside it OUT_windows.csv "
+                                                "(drop_windows.csv), each row's per-window NLL (written atomically)")
     p.set_defaults(func=cmd_drop)
 
     p = commands.add_parser("prune", help="static pruning: sparsegpt, llm_pruner_channel, llm_pruner_block (the paper's rows), "
