@@ -6,6 +6,7 @@ import contextvars
 import torch
 
 from .model import dsmoe_layers
+from .names import NEAR_TAU
 
 _COUNTED = contextvars.ContextVar("dsmoe_counted_tokens", default=None)
 
@@ -56,7 +57,6 @@ class RoutingStats:
 
 
 MARGIN_EDGES = torch.linspace(-1.0, 1.0, 201, dtype=torch.float64)  # σ(h·Y) − τ lies in (−1, 1): bins of 0.01
-NEAR_TAU = 0.05
 
 
 class GateMarginStats(RoutingStats):

@@ -9,6 +9,9 @@ A *method* is what a results row is (the `variant` column of the CSVs): a DSMoE 
 # the Snakefile's parse imports no torch.
 VARIANTS = ("dsmoe", "no_ste", "no_gx", "topk", "topk_switch")
 TOPK_VARIANTS = ("topk", "topk_switch")  # fixed k experts per token, no τ
+SIGMOID_VARIANTS = tuple(v for v in VARIANTS if v not in TOPK_VARIANTS)  # gated by σ(h·Y) ≥ τ: gate margins, all-on
+NEAR_TAU = 0.05  # gate_margins.csv's near_tau_share: the share of σ(h·Y) within ±NEAR_TAU of τ
+ALL_ON = "@all_on"  # `dsmoe eval ppl --all-experts-on` labels its rows MODEL@all_on (every expert on at coefficient 1)
 
 DENSE = "dense"  # the base model as it comes
 DENSE_CONTINUED = "dense_continued"  # the base model trained on the same data and budget
@@ -32,10 +35,13 @@ SWEEPS = {
     "no_gx_unscaled": ("no_gx", "no_gx_tau_sweep", False),
 }
 # results/<run>/data/<name>.csv; *windows: per-window NLL of eval ppl | sweep | baseline drop | milestones
-# (bootstrap intervals)
+# (bootstrap intervals);
+# routing diagnostics (issue 28): gate_margins (eval ppl), all_on (eval ppl --all-experts-on: its ppl.csv rows),
+# massive (eval massive-activations of the base model)
 RUN_DATA = ["ppl", "layers", "windows", "bench", "bench_layers", "sweep", "sweep_layers", "sweep_windows", "drop",
-            "drop_windows", "milestones", "milestone_windows"]
+            "drop_windows", "milestones", "milestone_windows", "gate_margins", "all_on", "massive"]
 TABLES = ["table1", "table2", "table3", "table4", "table5_6", "claims"]  # results/<run>/tables/<name>.{csv,md}
+DIAGNOSTIC_TABLES = ["diagnostics", "massive"]  # results/<run>/tables/<name>.{csv,md}, written by the heatmaps notebook
 FIXED_ROUTING = TOPK_VARIANTS  # variants whose routing is fixed (always k experts): their heatmaps are a reference
 
 # The paper's benchmark columns (Table 2/3 keys in dsmoe/report/paper_results.yaml) -> the lm-eval task

@@ -199,10 +199,11 @@ def assert_complete(workdir, *configfiles, run_name="smoke", least_outputs=40, e
     results = Path(workdir) / "results" / run_name
     for name in ("table1", "table2", "table3", "table4", "table5_6", "claims"):
         assert (results / "tables" / f"{name}.md").stat().st_size > 0
-    for name in ("ppl", "layers", "windows", "sweep", "sweep_windows", "milestones", "milestone_windows"):
+    for name in ("ppl", "layers", "windows", "sweep", "sweep_windows", "milestones", "milestone_windows", "gate_margins",
+                 "all_on", "massive"):
         assert (results / "data" / f"{name}.csv").stat().st_size > 0
     for name in ("heatmap_dsmoe", "heatmap_tasks_dsmoe", "layer_profile", "tau_curves", "no_gx_curve", "token_curve",
-                 "explorer"):
+                 "explorer", "gate_margins"):
         assert (results / "figures" / f"{name}.png").stat().st_size > 0
         assert (results / "figures" / f"{name}.pdf").stat().st_size > 0
 

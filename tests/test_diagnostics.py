@@ -128,3 +128,92 @@ def test_cli_gate_margins_all_on_and_massive(tmp_path, smollm2_tokenizer):
     assert main(["eval", "massive-activations", "--model", str(tmp_path / "dense"), "--data", str(data),
                  "--n-experts", "4", "--out", str(out)]) == 0
     assert len(pd.read_csv(out)) == 3 * 3
+
+
+def margin_rows(model, variant, layers, seed):
+    """A gate_margins.csv as `dsmoe eval ppl` writes it: per source and layer, 200 bins and one near-τ share."""
+    rng, edges = np.random.default_rng(seed), MARGIN_EDGES.numpy()
+    rows = [{"model": model, "variant": variant, "tau": 0.5, "source": source, "layer": layer, "bin_low": lo,
+             "bin_high": hi, "count": int(rng.integers(0, 9)), "near_tau_share": share}
+            for source in ("code", "all") for layer, share in zip(range(layers), rng.uniform(0, 1, layers))
+            for lo, hi in zip(edges[:-1], edges[1:])]
+    return pd.DataFrame(rows, columns=["model", "variant", "tau", "source", "layer", "bin_low", "bin_high", "count",
+                                       "near_tau_share"])
+
+
+def ppl_rows(model, variant, values, tau=0.5):
+    return pd.DataFrame([{"model": model, "variant": variant, "tau": tau, "source": source, "ppl": ppl, "tokens": 10,
+                          "activated_params": pct * 1e4, "activated_params_pct": pct, "mean_active_experts": 2.0}
+                         for source, ppl, pct in values])
+
+
+def write_evaluations(root):
+    """Per-model eval dirs of a synthetic run: ppl.csv and gate_margins.csv, and the all-on ppl.csv files."""
+    models = {"dense": ("dense", None, [("code", 9.0, 100.0), ("all", 10.0, 100.0)]),
+              "dsmoe": ("dsmoe", 0.5, [("code", 11.0, 60.0), ("all", 12.0, 61.0)]),
+              "no_gx": ("no_gx", 0.4, [("code", 19.0, 70.0), ("all", 20.0, 71.0)]),
+              "topk": ("topk", None, [("code", 13.0, 50.0), ("all", 14.0, 50.0)]),
+              "prune_wanda": ("prune_wanda", None, [("code", 15.0, 60.0), ("all", 16.0, 60.0)])}
+    files, all_on = [], []
+    for i, (model, (variant, tau, values)) in enumerate(models.items()):
+        folder = root / "eval" / "ppl" / model
+        folder.mkdir(parents=True)
+        ppl_rows(model, variant, values, tau).to_csv(folder / "ppl.csv", index=False)
+        margins = margin_rows(model, variant, 3, i) if variant in ("dsmoe", "no_gx") else margin_rows(model, variant, 0, i)
+        margins.to_csv(folder / "gate_margins.csv", index=False)
+        files += [folder / "ppl.csv", folder / "gate_margins.csv"]
+        if variant in ("dsmoe", "no_gx"):
+            on = root / "eval" / "all_on" / model
+            on.mkdir(parents=True)
+            ppl_rows(f"{model}@all_on", variant, [("code", 9.5, 100.0), ("all", 10.0 + i, 100.0)], tau).to_csv(
+                on / "ppl.csv", index=False)
+            all_on.append(on / "ppl.csv")
+    return files, all_on
+
+
+def test_collect_gathers_gate_margins_and_all_on_apart_from_ppl(tmp_path):
+    from dsmoe.cli import main
+    from dsmoe.report import load_run
+
+    files, all_on = write_evaluations(tmp_path)
+    assert main(["report", "collect", "--out", str(tmp_path / "run" / "data"), *map(str, files),
+                 "--all-on", *map(str, all_on)]) == 0
+    data = load_run(tmp_path / "run")
+    margins = [pd.read_csv(path) for path in files if path.name == "gate_margins.csv"]
+    pd.testing.assert_frame_equal(data["gate_margins"], pd.concat(margins, ignore_index=True), check_dtype=False)
+    assert len(data["gate_margins"]) == 2 * 2 * 3 * 200  # dsmoe and no_gx: 2 sources x 3 layers x 200 bins
+    pd.testing.assert_frame_equal(data["all_on"], pd.concat(map(pd.read_csv, all_on), ignore_index=True),
+                                  check_dtype=False)
+    assert not data["ppl"]["model"].str.endswith("@all_on").any() and len(data["ppl"]) == 5 * 2  # Table 1 keeps its rows
+    assert data["massive"].empty
+    with pytest.raises(ValueError, match="all-experts-on"):
+        dsmoe.report.collect(files, tmp_path / "bad", all_on=[files[1]])  # a gate_margins.csv is no all-on ppl.csv
+
+
+def test_diagnostics_table_against_brute_force(tmp_path):
+    from dsmoe.report import collect, diagnostics_table, has_diagnostics, load_run
+
+    files, all_on = write_evaluations(tmp_path)
+    collect(files, tmp_path / "run" / "data", all_on=all_on)
+    data = load_run(tmp_path / "run")
+    assert has_diagnostics(data)
+    table = diagnostics_table(data["ppl"], data["all_on"], data["gate_margins"]).set_index("model")
+    assert list(table.index) == ["dense", "dsmoe", "no_gx"]  # dense rows and the sigmoid models; not topk, not pruned
+    dense_ppl = 10.0
+    for model in ("dsmoe", "no_gx"):
+        ppl = pd.read_csv(tmp_path / "eval" / "ppl" / model / "ppl.csv")
+        on = pd.read_csv(tmp_path / "eval" / "all_on" / model / "ppl.csv")
+        margins = pd.read_csv(tmp_path / "eval" / "ppl" / model / "gate_margins.csv")
+        shares = {}
+        for row in margins.itertuples():  # one share per layer of source "all", repeated on each bin
+            if row.source == "all":
+                assert shares.setdefault(row.layer, row.near_tau_share) == row.near_tau_share
+        line = table.loc[model]
+        assert line["ppl"] == ppl[ppl.source == "all"]["ppl"].item()
+        assert line["tau"] == ppl["tau"].iloc[0]
+        assert line["ppl_all_on"] == on[on.source == "all"]["ppl"].item()
+        assert line["all_on_over_dense"] == pytest.approx(line["ppl_all_on"] / dense_ppl)
+        assert line["near_tau_share"] == pytest.approx(sum(shares.values()) / len(shares))
+    assert np.isnan(table.loc["dense", ["ppl_all_on", "near_tau_share"]].astype(float)).all()
+    bare = diagnostics_table(data["ppl"], pd.DataFrame(columns=["model"]), pd.DataFrame(columns=["model"]))
+    assert bare["ppl_all_on"].isna().all() and bare["near_tau_share"].isna().all()  # an older run: NaN, no error

@@ -17,7 +17,8 @@ EXPECTED = {
                for ext in ("csv", "md")] + ["figures/token_curve.png", "figures/token_curve.pdf"],
     "heatmaps": [f"figures/{name}.{ext}" for name in ("heatmap_dsmoe", "heatmap_no_ste", "heatmap_no_gx", "heatmap_topk",
                                                       "heatmap_tasks_dsmoe", "heatmap_tasks_no_ste", "heatmap_tasks_no_gx",
-                                                      "layer_profile") for ext in ("png", "pdf")],
+                                                      "layer_profile", "gate_margins") for ext in ("png", "pdf")]
+    + [f"tables/{name}.{ext}" for name in ("diagnostics", "massive") for ext in ("csv", "md")],
     "tau_curves": [f"figures/{name}.{ext}" for name in ("tau_curves", "no_gx_curve") for ext in ("png", "pdf")],
     "explorer": ["figures/explorer.png", "figures/explorer.pdf"],
 }
@@ -67,6 +68,10 @@ def test_notebook_runs_on_smoke_results(name, smoke_results, tmp_path):
         assert (claims["ci_low"] != "").sum() >= 5  # the comparisons carry their intervals
         table56 = pd.read_csv(run_dir / "tables" / "table5_6.csv")
         assert (table56["source"] == "this run").sum() == 4  # three milestones and the final model
+    if name == "heatmaps":  # the routing diagnostics of every trained sigmoid-gated model, beside dense
+        diagnostics = pd.read_csv(run_dir / "tables" / "diagnostics.csv").set_index("model")
+        assert {"dense", "dense_continued", "dsmoe", "no_ste", "no_gx"} == set(diagnostics.index)
+        assert diagnostics.loc[["dsmoe", "no_ste", "no_gx"], ["ppl_all_on", "near_tau_share"]].notna().all().all()
 
 
 @pytest.mark.slow

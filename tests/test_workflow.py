@@ -42,9 +42,34 @@ def test_dry_run(configfile, tmp_path):
         (["drop_topk"] if baselines.get("drop_keep_experts") else [])  # the training-free drop: one kind at least
     assert drops, f"{configfile.name} runs no drop baseline"
     for rule in ("base_model", "data", "convert", "pretrain", "eval_ppl", "lm_eval", "tau_sweep",
-                 "eval_milestones", "prune", *drops, "collect", "notebook_tables", "notebook_explorer"):
+                 "eval_milestones", "prune", *drops, "eval_all_on", "eval_massive", "collect", "notebook_tables",
+                 "notebook_explorer"):
         assert rule in result.stdout, f"{configfile.name}: rule {rule} not planned"
     assert_parsing_wrote_no_file(workdir)
+
+
+def test_dry_run_plans_the_routing_diagnostics(tmp_path):
+    """Issue 28: all experts on for each trained sigmoid-gated model (not top-k), the base model's massive
+    activations, every gate_margins.csv collected, the all-on rows into data/all_on.csv (never ppl.csv), and
+    the heatmaps notebook's diagnostics table, massive table and gate-margin figure among the run's outputs."""
+    result = snakemake("--configfile", str(SMOKE), "-n", "-p", workdir=tmp_path)
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE))
+    assert jobs["eval_all_on"] == "3" and jobs["eval_massive"] == "1", result.stdout
+    commands = re.findall(r"^Shell command: (.*)$", result.stdout, re.MULTILINE)
+    all_on = sorted(c for c in commands if "--all-experts-on" in c)
+    assert [re.search(r"--label (\w+)", c).group(1) for c in all_on] == ["dsmoe", "no_gx", "no_ste"]
+    assert all("--out results/smoke/eval/all_on/" in c for c in all_on)
+    massive = next(c for c in commands if "massive-activations" in c)
+    assert "--model resources/smoke/base" in massive and "--n-experts 8" in massive
+    collect = next(c for c in commands if "report collect" in c)
+    files, on = collect.split(" --all-on ")
+    assert sum("gate_margins.csv" in f for f in files.split()) == 8  # every evaluated model's
+    assert "results/smoke/eval/massive/massive.csv" in files.split() and "all_on" not in files
+    assert on.split()[:3] == [f"results/smoke/eval/all_on/{m}/ppl.csv" for m in ("dsmoe", "no_ste", "no_gx")]
+    summary = snakemake("--configfile", str(SMOKE), "--summary", workdir=tmp_path).stdout
+    for path in ("data/gate_margins.csv", "data/all_on.csv", "data/massive.csv", "tables/diagnostics.md",
+                 "tables/massive.md", "figures/gate_margins.png"):
+        assert f"results/smoke/{path}" in summary, path
 
 
 def test_default_config_is_used_without_configfile(tmp_path):

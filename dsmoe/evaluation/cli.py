@@ -15,7 +15,7 @@ import torch
 
 from ..atomic import atomic_file, check_output_dir, check_output_file, write_csv
 from ..model import TOPK_VARIANTS, check_tau, dsmoe_layers
-from ..names import DENSE, DENSE_METHODS
+from ..names import ALL_ON, DENSE, DENSE_METHODS
 from .stamps import fingerprint, up_to_date, write_stamp
 
 
@@ -220,7 +220,7 @@ def cmd_ppl(args):
     if args.all_experts_on:
         if not dsmoe_layers(model):
             raise ValueError(f"--all-experts-on: {args.model} is a dense model (no DSMoE layer to switch on)")
-        args.label = f"{args.label or model_label(args.model)}@all_on"
+        args.label = f"{args.label or model_label(args.model)}{ALL_ON}"
     df = evaluate_ppl(model, validation, args.batch_size, args.max_sequences, gate_margins=args.gate_margins,
                       all_on=args.all_experts_on)
     front = ["model", "variant", "tau"]

@@ -1,6 +1,7 @@
 """Tables, claims and figures of a run, beside the paper's published numbers (the notebooks use these)."""
 
 from .bootstrap import PairedDiff, interpolation, paired_bootstrap, windows_of
+from .diagnostics import diagnostics_table, has_diagnostics, massive_table
 from .reproduced import claims
 from .plots import (explorer_heatmap, gate_margin_figure, heatmap, heatmap_grid, layer_profile, no_gx_curve, pilot_curves, tau_curves,
                     token_activity, token_curve)
@@ -14,9 +15,11 @@ __all__ = [
     "band_means",
     "claims",
     "collect",
+    "diagnostics_table",
     "explorer_heatmap",
     "find_run",
     "gate_margin_figure",
+    "has_diagnostics",
     "heatmap",
     "heatmap_grid",
     "interpolation",
@@ -24,6 +27,7 @@ __all__ = [
     "layer_profile",
     "load_paper",
     "load_run",
+    "massive_table",
     "no_gx_curve",
     "overall",
     "paired_bootstrap",

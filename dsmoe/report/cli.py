@@ -9,6 +9,8 @@ def register(subparsers):
     commands = p.add_subparsers(dest="report_command", required=True, metavar="COMMAND")
     c = commands.add_parser("collect", help="concatenate evaluation CSVs by name (ppl.csv, layers.csv, ...) into a directory")
     c.add_argument("files", nargs="+", help=f"evaluation CSVs; the file name picks the kind ({', '.join(RUN_DATA)})")
+    c.add_argument("--all-on", nargs="*", default=[], metavar="PPL_CSV",
+                   help="ppl.csv files of `dsmoe eval ppl --all-experts-on`: collected as all_on.csv, not into ppl.csv")
     c.add_argument("--out", required=True, help="output directory: one CSV per kind (written atomically)")
     c.set_defaults(func=cmd_collect)
     c = commands.add_parser("activated-pct", help="print a model's activated params (%% of total) from its ppl.csv")
@@ -25,7 +27,7 @@ def register(subparsers):
 def cmd_collect(args):
     from .run_data import collect
 
-    collect(args.files, args.out)
+    collect(args.files, args.out, all_on=args.all_on)
 
 
 def cmd_activated_pct(args):

@@ -4,7 +4,7 @@ the routing explorer."""
 import numpy as np
 import pandas as pd
 
-from ..names import FIXED_ROUTING
+from ..names import FIXED_ROUTING, NEAR_TAU
 
 
 def heatmap_grid(layers, model, column="source"):
@@ -258,11 +258,17 @@ def gate_margin_figure(margins, model=None, source="all"):
     edges = list(grid.columns) + [df["bin_high"].max()]
     image = left.pcolormesh(edges, np.arange(len(grid.index) + 1) - 0.5, share.to_numpy(), cmap="viridis", shading="flat")
     left.axvline(0.0, color="white", lw=0.8)
+    for edge in (-NEAR_TAU, NEAR_TAU):  # the band whose share the right panel gives
+        left.axvline(edge, color="white", lw=0.8, ls="--")
     left.set_xlabel("σ(h·Y) − τ")
     left.set_ylabel("layer")
     fig.colorbar(image, ax=left, label="share of gate values")
     right.barh(near.index, near.to_numpy())
-    right.set_xlabel("share within ±0.05 of τ")
+    right.set_xlabel(f"share within ±{NEAR_TAU:g} of τ")
     right.set_xlim(0, 1)
+    right.set_ylim(left.get_ylim())  # the heatmap's layer rows
+    right.axvline(near.mean(), color="black", lw=0.8, ls="--", label=f"mean {near.mean():.3f}")
+    right.legend(loc="lower right", fontsize=8)
+    left.set_title(f"{df['model'].iloc[0]}: σ(h·Y) − τ per layer ({source})")
     fig.tight_layout()
     return fig

@@ -19,13 +19,16 @@ from ..names import METHOD_ORDER, RUN_DATA
 PAPER_RESULTS = Path(__file__).parent / "paper_results.yaml"
 
 
-def collect(paths, out_dir):
-    """Concatenate evaluation CSVs by file name (ppl.csv, layers.csv, ...) into `out_dir`."""
+def collect(paths, out_dir, all_on=()):
+    """Concatenate evaluation CSVs by file name (ppl.csv, layers.csv, ...) into `out_dir`; `all_on`: the
+    ppl.csv files of `dsmoe eval ppl --all-experts-on`, collected as all_on.csv (never into ppl.csv)."""
     groups = defaultdict(list)
-    for path in map(Path, paths):
+    for path, name in [(Path(p), None) for p in paths] + [(Path(p), "all_on") for p in all_on]:
         if not path.is_file():
             raise FileNotFoundError(f"evaluation file {str(path)!r} does not exist")
-        groups[path.stem].append(pd.read_csv(path))
+        if name == "all_on" and path.stem != "ppl":
+            raise ValueError(f"{str(path)!r}: the all-experts-on files are the ppl.csv of `dsmoe eval ppl --all-experts-on`")
+        groups[name or path.stem].append(pd.read_csv(path))
     unknown = sorted(set(groups) - set(RUN_DATA))
     if unknown:
         raise ValueError(f"do not know how to collect {unknown}; expected files named {RUN_DATA} (.csv)")

@@ -9,8 +9,8 @@ from snakemake.utils import min_version, validate
 
 from dsmoe.config import check_cross_fields, coerce_numbers
 from dsmoe.launch import FSDP_CONFIG, launch_prefix
-from dsmoe.names import (DENSE, DENSE_CONTINUED, DROP, FIXED_ROUTING, PRUNE_KINDS, RUN_DATA, SWEEPS, TABLES, TOPK_VARIANTS,
-                         prune_method)
+from dsmoe.names import (DENSE, DENSE_CONTINUED, DIAGNOSTIC_TABLES, DROP, FIXED_ROUTING, PRUNE_KINDS, RUN_DATA,
+                         SIGMOID_VARIANTS, SWEEPS, TABLES, TOPK_VARIANTS, prune_method)
 
 min_version("9.0")
 
@@ -71,6 +71,7 @@ TRAINED = CONVERTED + ([DENSE_CONTINUED] if config["dense_continued"] else []) +
 EVALUATED = [DENSE] + TRAINED  # DENSE is the base model as it comes
 SWEPT = [name for name, (variant, _, _) in SWEEPS.items() if variant in CONVERTED]  # dsmoe, no_gx (both ways of Fig. 2)
 DYNAMIC = [variant for variant in CONVERTED if variant not in FIXED_ROUTING]  # routing that can differ by token
+SIGMOID = [variant for variant in CONVERTED if variant in SIGMOID_VARIANTS]  # σ(h·Y) ≥ τ: gate margins, all-experts-on
 RUN_CONFIG = f"{RESULTS}/config.yaml"  # written when a run starts, read by the `dsmoe` commands
 
 
@@ -84,6 +85,7 @@ wildcard_constraints:
     trained=one_of(TRAINED),
     model=one_of(EVALUATED),
     kind=one_of(PRUNE_KINDS),
+    gated=one_of(SIGMOID),
 
 
 def write_run_config():
@@ -247,6 +249,15 @@ def eval_outputs(kind, filename):
     return expand(f"{RESULTS}/eval/{kind}/{{model}}/{filename}", model=EVALUATED)
 
 
+ALL_ON_OUTPUTS = expand(f"{RESULTS}/eval/all_on/{{gated}}/ppl.csv", gated=SIGMOID)  # collect's --all-on
+MASSIVE_OUTPUTS = [f"{RESULTS}/eval/massive/massive.csv"] if SIGMOID else []  # the base model, Eq. 6's experts
+
+
+def collect_files(wildcards, input):
+    """Rule collect's files collected by name (ppl.csv, ...): all its inputs but the all-experts-on ppl.csv."""
+    return [path for path in input if path not in ALL_ON_OUTPUTS]
+
+
 def heatmap_names():
     """Fig. 3: per model, layers x validation sources; per dynamic model, layers x benchmark tasks."""
     return [f"heatmap_{model}" for model in CONVERTED] + [f"heatmap_tasks_{model}" for model in DYNAMIC]
@@ -257,7 +268,17 @@ def figure_names():
     names += heatmap_names() + ["token_curve"]
     names += ["tau_curves"] if "dsmoe" in SWEPT else []
     names += ["no_gx_curve"] if "no_gx" in SWEPT else []
-    return names
+    return names + diagnostic_figure_names()
+
+
+def diagnostic_figure_names():
+    """The gate-margin histograms of the DSMoE model (heatmaps notebook)."""
+    return ["gate_margins"] if "dsmoe" in SIGMOID else []
+
+
+def diagnostic_table_files():
+    """Routing diagnostics (heatmaps notebook): ppl at τ and all-experts-on, share near τ; massive activations."""
+    return [f"{RESULTS}/tables/{name}.{ext}" for name in DIAGNOSTIC_TABLES for ext in ("csv", "md")] if SIGMOID else []
 
 
 def figure_files(names):
@@ -271,6 +292,7 @@ def table_files():
 def all_outputs():
     return (
         table_files()
+        + diagnostic_table_files()
         + figure_files(figure_names())
         + expand(f"{RESULTS}/data/{{name}}.csv", name=RUN_DATA)
     )

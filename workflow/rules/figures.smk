@@ -1,5 +1,6 @@
 rule collect:
-    """Table and figure data: every evaluation CSV of the run, concatenated per kind."""
+    """Table and figure data: every evaluation CSV of the run, concatenated per kind (the all-experts-on
+    ppl.csv files into all_on.csv)."""
     input:
         ppl=eval_outputs("ppl", "ppl.csv"),
         layers=eval_outputs("ppl", "layers.csv"),
@@ -13,6 +14,9 @@ rule collect:
         drop_windows=drop_outputs("drop_windows.csv"),
         milestones=milestone_outputs(),
         milestone_windows=milestone_outputs("milestone_windows.csv"),
+        gate_margins=eval_outputs("ppl", "gate_margins.csv"),
+        all_on=ALL_ON_OUTPUTS,
+        massive=MASSIVE_OUTPUTS,
     output:
         ppl=f"{RESULTS}/data/ppl.csv",
         layers=f"{RESULTS}/data/layers.csv",
@@ -26,14 +30,18 @@ rule collect:
         drop_windows=f"{RESULTS}/data/drop_windows.csv",
         milestones=f"{RESULTS}/data/milestones.csv",
         milestone_windows=f"{RESULTS}/data/milestone_windows.csv",
+        gate_margins=f"{RESULTS}/data/gate_margins.csv",
+        all_on=f"{RESULTS}/data/all_on.csv",
+        massive=f"{RESULTS}/data/massive.csv",
     params:
         out_dir=subpath(output.ppl, parent=True),
+        files=collect_files,
     log:
         f"{LOGS}/collect.log",
     conda:
         ENV
     shell:
-        "dsmoe report collect --out {params.out_dir} {input} > {log} 2>&1"
+        "dsmoe report collect --out {params.out_dir} {params.files} --all-on {input.all_on} > {log} 2>&1"
 
 
 rule notebook_tables:
@@ -64,7 +72,8 @@ rule notebook_tables:
 
 
 rule notebook_heatmaps:
-    """Fig. 3: mean active experts per layer and validation source (and benchmark task), per model."""
+    """Fig. 3: mean active experts per layer and validation source (and benchmark task), per model; the routing
+    diagnostics (gate margins, all experts on, massive activations)."""
     input:
         notebook=NOTEBOOKS / "heatmaps.ipynb",
         data=rules.collect.output,
@@ -76,6 +85,14 @@ rule notebook_heatmaps:
         profile=[
             report(path, caption="../report/layer_profile.rst", category="Figures", subcategory="Fig. 3")
             for path in figure_files(["layer_profile"])
+        ],
+        gate_margins=[
+            report(path, caption="../report/gate_margins.rst", category="Figures", subcategory="Diagnostics")
+            for path in figure_files(diagnostic_figure_names())
+        ],
+        tables=[
+            report(path, caption="../report/diagnostics.rst", category="Tables")
+            for path in diagnostic_table_files()
         ],
         notebook=f"{RESULTS}/notebooks/heatmaps.ipynb",
     params:
