@@ -45,9 +45,10 @@ lab-check: $(STAMP)
 # The DSMoE chain (train, evaluate, prune SparseGPT to its activation, train that) goes first: it is the longest.
 # STUDY picks the level (issue 28): cpu-study, or cpu-study-mild (about 6 of 8 experts; config/cpu-study-mild.yaml).
 STUDY ?= cpu-study
-STUDY_RULES := base_model data convert pretrain prune drop_sweep drop_topk eval_ppl tau_sweep lm_eval eval_milestones \
-	notebook_explorer
-STUDY_FIRST = results/$(STUDY)/models/prune_sparsegpt/model results/$(STUDY)/eval/ppl/prune_sparsegpt/ppl.csv
+STUDY_RULES := base_model data convert pretrain prune drop_sweep drop_topk eval_ppl eval_all_on eval_massive tau_sweep lm_eval \
+	eval_milestones notebook_explorer
+# (a run with no pruning baseline, e.g. a second seed: STUDY_FIRST=results/<run>/models/dsmoe/model)
+STUDY_FIRST ?= results/$(STUDY)/models/prune_sparsegpt/model results/$(STUDY)/eval/ppl/prune_sparsegpt/ppl.csv
 cpu-study: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) \
 		--configfile config/$(STUDY).yaml --keep-going --rerun-incomplete --prioritize $(STUDY_FIRST) \
