@@ -6,6 +6,7 @@ from .reproduced import claims
 from .plots import (explorer_heatmap, gate_margin_figure, heatmap, heatmap_grid, layer_profile, no_gx_curve, pilot_curves, tau_curves,
                     token_activity, token_curve)
 from .run_data import PAPER_RESULTS, collect, find_run, load_paper, load_run, overall, run_config, save_figure, save_table
+from .seeds import seed_table
 from .shape import band_means, is_w_shaped, w_shape_claim
 from .tables import paper_methods, paper_tasks, primary_scores, table1, table2, table3, table4, table5_6
 
@@ -38,6 +39,7 @@ __all__ = [
     "run_config",
     "save_figure",
     "save_table",
+    "seed_table",
     "table1",
     "table2",
     "table3",

@@ -1,4 +1,4 @@
-"""`dsmoe report collect | activated-pct | claims | summary` (old name: `dsmoe figures`, kept as an alias
+"""`dsmoe report collect | activated-pct | claims | seeds | summary` (old name: `dsmoe figures`, kept as an alias
 for one release)."""
 
 from ..names import RUN_DATA
@@ -19,6 +19,11 @@ def register(subparsers):
     c = commands.add_parser("claims", help="write a run's claims table (tables/claims.csv and .md) from its collected data")
     c.add_argument("--run", required=True, help="run directory (results/<run_name>) with data/ and config.yaml")
     c.set_defaults(func=cmd_claims)
+    c = commands.add_parser("seeds", help="one model's seed spread across runs that differ only in train.seed "
+                                          "(tables/seeds.csv and .md of the first run)")
+    c.add_argument("--runs", nargs="+", required=True, help="run directories (results/<run_name>), the first the reference")
+    c.add_argument("--model", default="dsmoe", help="the model compared (default %(default)s)")
+    c.set_defaults(func=cmd_seeds)
     c = commands.add_parser("summary", help="print where a run's results are, its Table 1 rows and how to open the notebooks")
     c.add_argument("--run", required=True, help="run directory (results/<run_name>) with data/")
     c.set_defaults(func=cmd_summary)
@@ -50,6 +55,17 @@ def cmd_claims(args):
     save_table(table, Path(args.run) / "tables", "claims")
     for row in table.itertuples():
         print(f"{row.claim}: {row.reproduced}")
+
+
+def cmd_seeds(args):
+    from pathlib import Path
+
+    from . import save_table
+    from .seeds import seed_table
+
+    table = seed_table(args.runs, args.model)
+    save_table(table, Path(args.runs[0]) / "tables", "seeds")
+    print(table.to_string(index=False))
 
 
 def cmd_summary(args):

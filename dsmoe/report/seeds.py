@@ -1,0 +1,85 @@
+"""The seed spread of one model across runs that differ only in `train.seed` (`dsmoe report seeds`).
+
+Each run evaluates on the same validation windows (the data section is the same), so the runs are
+compared window by window as two models of one run are: each later run against the first, with a
+paired bootstrap interval (`dsmoe.report.bootstrap`). Runs whose settings that make the model and
+its validation windows (`MODEL_KEYS`: base model, dtype, the dsmoe and data sections, the train section
+less `seed`) differ are refused: their spread would not be a seed's. Other rows and baselines may differ.
+"""
+
+from pathlib import Path
+
+import pandas as pd
+
+from .bootstrap import paired_bootstrap, windows_of
+from .run_data import load_run, overall, run_config
+
+MODEL_KEYS = ("base_model", "dtype", "dsmoe", "data", "train")
+COLUMNS = ["run", "seed", "model", "activated_params_pct", "ppl", "diff_vs_first", "ci_low", "ci_high"]
+
+
+def _settings(run):
+    """The settings of a run's models (`MODEL_KEYS`, train.seed left out) and its seed."""
+    config = run_config(run)
+    if not config:
+        raise ValueError(f"run {str(run)!r} has no config.yaml")
+    settings = {key: config.get(key) for key in MODEL_KEYS}
+    settings["train"] = dict(settings["train"] or {})
+    return settings, settings["train"].pop("seed", None)
+
+
+def _differences(a, b, prefix=""):
+    """The dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def check_same_but_seed(runs):
+    """The runs' seeds; a clear error if two runs' models differ in anything but train.seed."""
+    first, seeds = None, []
+    for run in runs:
+        settings, seed = _settings(run)
+        if first is None:
+            first = settings
+        elif settings != first:
+            raise ValueError(f"run {str(run)!r} differs from {str(runs[0])!r} in {_differences(first, settings)}, "
+                             "not only in train.seed")
+        seeds.append(seed)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the runs share a train.seed ({seeds}): no seed spread to show")
+    return seeds
+
+
+def seed_table(runs, model="dsmoe"):
+    """One row per run: `model`'s activated params (%) and perplexity at its τ; for every run after the
+    first, its ppl minus the first run's and the 95% paired bootstrap interval of that difference."""
+    runs = [Path(r) for r in runs]
+    if len(runs) < 2:
+        raise ValueError("a seed spread needs at least two runs")
+    seeds = check_same_but_seed(runs)
+    rows, first_windows = [], None
+    for run, seed in zip(runs, seeds):
+        data = load_run(run)
+        ours = overall(data["ppl"])
+        if model not in ours.index:
+            raise ValueError(f"run {str(run)!r} has no model {model!r} in data/ppl.csv")
+        windows = windows_of(data["windows"], model=model)
+        row = {"run": run.name, "seed": seed, "model": model,
+               "activated_params_pct": float(ours.loc[model, "activated_params_pct"]),
+               "ppl": float(ours.loc[model, "ppl"])}
+        if first_windows is None:
+            first_windows = windows
+        else:
+            diff = paired_bootstrap(windows, first_windows, (run.name, runs[0].name))
+            row.update(diff_vs_first=diff.diff, ci_low=diff.ci_low, ci_high=diff.ci_high)
+        rows.append(row)
+    return pd.DataFrame(rows).reindex(columns=COLUMNS)
+
+
+__all__ = ["check_same_but_seed", "seed_table"]
