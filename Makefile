@@ -43,12 +43,14 @@ lab-check: $(STAMP)
 # without weights. $(CORES) jobs at a time, one thread each: two torch processes of 2 threads each on
 # 2 cores run 7x slower than one (measured), and the single-threaded parts of jobs overlap.
 # The DSMoE chain (train, evaluate, prune SparseGPT to its activation, train that) goes first: it is the longest.
-# STUDY picks the level (issue 28): cpu-study, or cpu-study-mild (about 6 of 8 experts; config/cpu-study-mild.yaml).
+# STUDY picks the run (config/README.md): cpu-study, cpu-study-mild, cpu-study-paper, their -seed2 runs, cpu-study-paper-recipe.
 STUDY ?= cpu-study
 STUDY_RULES := base_model data convert pretrain prune drop_sweep drop_topk eval_ppl eval_all_on eval_massive tau_sweep lm_eval \
 	eval_milestones notebook_explorer
-# (a run with no pruning baseline, e.g. a second seed: STUDY_FIRST=results/<run>/models/dsmoe/model)
-STUDY_FIRST ?= results/$(STUDY)/models/prune_sparsegpt/model results/$(STUDY)/eval/ppl/prune_sparsegpt/ppl.csv
+# A run with no SparseGPT row (a second seed, the paper's recipe) puts its DSMoE model first.
+STUDY_FIRST ?= $(if $(shell grep -s "^ *prune: .*sparsegpt" config/$(STUDY).yaml),\
+	results/$(STUDY)/models/prune_sparsegpt/model results/$(STUDY)/eval/ppl/prune_sparsegpt/ppl.csv,\
+	results/$(STUDY)/models/dsmoe/model)
 cpu-study: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) \
 		--configfile config/$(STUDY).yaml --keep-going --rerun-incomplete --prioritize $(STUDY_FIRST) \

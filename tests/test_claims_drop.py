@@ -97,7 +97,7 @@ def test_no_topk_drop_in_the_run_is_n_a(drop):
 
 
 def test_drop_rows_without_windows_are_n_a():
-    """An older run (results/cpu-study-mild): drop.csv has the K rows, but no drop_windows.csv."""
+    """A run collected before the drop wrote windows: drop.csv has the K rows, but no drop_windows.csv."""
     line = drop_line((10.0, 60.0), windows=False)
     assert line["reproduced"] == "n/a" and line["evidence"].startswith("n/a: no per-window data")
     assert line["ppl_b"] == pytest.approx(math.sqrt(200.0)) and math.isnan(line["ci_low"])

@@ -44,6 +44,6 @@ def summary(run_dir):
              "Table 1 (validation perplexity, activated params as % of dense):"]
     lines += [f"  {model:<20} ppl {ppl:>12.4g}   activated {pct:5.1f}%" for model, ppl, pct in table1_rows(data["ppl"])]
     lines += routing_lines(data)
-    lines += ["A short run shows routing, not the paper's quality claims (see results/cpu-study/ and config/paper-*.yaml).",
-              f"Open the notebooks: {OPEN_NOTEBOOKS}"]
+    lines += ["A short run shows routing, not the paper's quality claims (see the CPU study in results/cpu-study-mild/",
+              "and results/cpu-study-paper/, and config/paper-*.yaml).", f"Open the notebooks: {OPEN_NOTEBOOKS}"]
     return "\n".join(lines)
