@@ -39,10 +39,14 @@ def test_dry_run(configfile, tmp_path):
     result = snakemake("--configfile", str(configfile), *extra, "-n", "--quiet", "rules", workdir=workdir)
     baselines = yaml.safe_load(configfile.read_text()).get("baselines", {})
     drops = (["drop_sweep"] if baselines.get("drop_thresholds") != [] else []) + \
-        (["drop_topk"] if baselines.get("drop_keep_experts") else [])  # the training-free drop: one kind at least
-    assert drops, f"{configfile.name} runs no drop baseline"
+        (["drop_topk"] if baselines.get("drop_keep_experts") else [])
+    prune = ["prune"] if baselines.get("prune") != [] else []
+    if prune or drops:  # a run with baselines has the training-free drop (one kind at least) beside them
+        assert drops, f"{configfile.name} runs no drop baseline"
+    else:  # a one-row run (a second seed, the paper's recipe): DSMoE alone
+        assert yaml.safe_load(configfile.read_text())["variants"] == ["dsmoe"], configfile.name
     for rule in ("base_model", "data", "convert", "pretrain", "eval_ppl", "lm_eval", "tau_sweep",
-                 "eval_milestones", "prune", *drops, "eval_all_on", "eval_massive", "collect", "notebook_tables",
+                 "eval_milestones", *prune, *drops, "eval_all_on", "eval_massive", "collect", "notebook_tables",
                  "notebook_explorer"):
         assert rule in result.stdout, f"{configfile.name}: rule {rule} not planned"
     assert_parsing_wrote_no_file(workdir)
