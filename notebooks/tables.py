@@ -98,10 +98,7 @@ report.save_figure(fig, run.out / "figures", "token_curve")
 # demo". Without per-window data (an older run) a comparison is "n/a".
 
 # %%
-claims = report.claims(data["ppl"], data["sweep"], data["layers"], windows=data["windows"],
-                       sweep_windows=data["sweep_windows"], milestones=data["milestones"],
-                       milestone_windows=data["milestone_windows"], train_tokens=train_tokens,
-                       drop=data["drop"], drop_windows=data["drop_windows"])
+claims = report.run_claims(data, train_tokens)
 print(f"The rule: {matched.RULE}.")
 show(claims, "claims")
 for row in claims.itertuples():

@@ -57,11 +57,7 @@ def test_tables_claims_and_figures_rebuild_from_the_committed_csvs(level, tmp_pa
     for table in (table1, report.table3(data["ppl"], data["bench"], paper),
                   report.table4(data["sweep"], paper), report.table5_6(data["milestones"], paper)):
         assert not table.empty
-    claims = report.claims(data["ppl"], data["sweep"], data["layers"], windows=data["windows"],
-                           sweep_windows=data["sweep_windows"], milestones=data["milestones"],
-                           milestone_windows=data["milestone_windows"],
-                           train_tokens=report.run_config(study).get("train", {}).get("tokens"),
-                           drop=data["drop"], drop_windows=data["drop_windows"])
+    claims = report.run_claims(data, report.run_config(study).get("train", {}).get("tokens"))
     for table, kind in ((claims, "claims"), (table1, "table1")):  # the committed tables are the code's
         report.save_table(table, tmp_path, kind)
         assert_same_table(tmp_path / f"{kind}.csv", study / "tables" / f"{kind}.csv")

@@ -2,7 +2,7 @@
 
 from .bootstrap import PairedDiff, interpolation, paired_bootstrap, windows_of
 from .diagnostics import diagnostics_table, has_diagnostics, massive_table
-from .reproduced import claims
+from .reproduced import claims, run_claims
 from .plots import (explorer_heatmap, gate_margin_figure, heatmap, heatmap_grid, layer_profile, no_gx_curve, pilot_curves, tau_curves,
                     token_activity, token_curve)
 from .run_data import PAPER_RESULTS, collect, find_run, load_paper, load_run, overall, run_config, save_figure, save_table
@@ -36,6 +36,7 @@ __all__ = [
     "paper_tasks",
     "pilot_curves",
     "primary_scores",
+    "run_claims",
     "run_config",
     "save_figure",
     "save_table",

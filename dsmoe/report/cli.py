@@ -44,14 +44,9 @@ def cmd_activated_pct(args):
 def cmd_claims(args):
     from pathlib import Path
 
-    from . import claims, load_run, run_config, save_table
+    from . import load_run, run_claims, run_config, save_table
 
-    data = load_run(args.run)
-    table = claims(data["ppl"], data["sweep"], data["layers"], windows=data["windows"],
-                   sweep_windows=data["sweep_windows"], milestones=data["milestones"],
-                   milestone_windows=data["milestone_windows"],
-                   train_tokens=run_config(args.run).get("train", {}).get("tokens"), drop=data["drop"],
-                   drop_windows=data["drop_windows"])
+    table = run_claims(load_run(args.run), run_config(args.run).get("train", {}).get("tokens"))
     save_table(table, Path(args.run) / "tables", "claims")
     for row in table.itertuples():
         print(f"{row.claim}: {row.reproduced}")

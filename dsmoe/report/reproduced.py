@@ -268,3 +268,11 @@ def claims(ppl, sweep, layers=None, windows=None, sweep_windows=None, milestones
                        _yes_no(shaped), evidence))
     lines.append(_token_claim(milestones, milestone_windows, short))
     return pd.DataFrame(lines, columns=COLUMNS)
+
+
+def run_claims(data, train_tokens=None):
+    """`claims` of a run's collected data (`report.load_run`: every frame the claims read)."""
+    return claims(data["ppl"], data["sweep"], data["layers"], windows=data["windows"],
+                  sweep_windows=data["sweep_windows"], milestones=data["milestones"],
+                  milestone_windows=data["milestone_windows"], train_tokens=train_tokens, drop=data["drop"],
+                  drop_windows=data["drop_windows"])
