@@ -218,12 +218,43 @@ def _source_errors(config):
     return errors
 
 
+def _merge(base, override):
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def variant_train(config, variant):
+    """The `train` section that trains `variant`: `train` with `train_overrides[variant]` merged over it
+    (nested keys one by one); `train` itself for a variant, or a dense row, that the overrides do not name."""
+    return _merge(copy.deepcopy(config["train"]), config.get("train_overrides", {}).get(variant, {}))
+
+
+def _override_errors(config):
+    errors = []
+    for variant, override in config["train_overrides"].items():
+        key = f"train_overrides.{variant}"
+        if variant not in config["variants"]:
+            errors.append((key, f"{variant} is not one of this run's variants ({', '.join(config['variants']) or 'none'})"))
+            continue
+        trial = {**copy.deepcopy(config), "train": variant_train(config, variant), "train_overrides": {}}
+        try:
+            validate_config(trial)
+        except ConfigError as err:
+            errors.append((key, f"the merged train section is invalid: {str(err).removeprefix('invalid config: ')}"))
+    return errors
+
+
 def check_cross_fields(config):
     """The rules that tie keys together, on a config the schema validated (defaults filled).
 
     Raises one ConfigError that lists every broken rule with its key, so that a run stops before
     any job starts (the Snakemake workflow calls this too, right after its schema check)."""
-    errors = _random_init_errors(config) + _dsmoe_errors(config) + _train_errors(config) + _source_errors(config)
+    errors = (_random_init_errors(config) + _dsmoe_errors(config) + _train_errors(config) + _source_errors(config)
+              + _override_errors(config))
     if errors:
         lines = [f"key {key!r}: {message}" for key, message in errors]
         if len(lines) == 1:

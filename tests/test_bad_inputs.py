@@ -230,6 +230,10 @@ def test_item10_invalid_utf8_is_counted_and_refused_above_a_threshold(tmp_path, 
     ({"train": {"tokens": 1000, "batch_size": 4}, "data": {"seq_len": 512}}, "train.tokens", "smaller than one batch, one optimizer step"),
     ({"data": {"sources": [{"name": "a", "kind": "txt", "path": "x"}, {"name": "a", "kind": "txt", "path": "y"}]}},
      "data.sources[1].name", "names must be unique"),
+    ({"variants": ["dsmoe"], "train_overrides": {"no_ste": {"lr": 1e-3}}}, "train_overrides.no_ste",
+     "no_ste is not one of this run's variants (dsmoe)"),
+    ({"variants": ["dsmoe", "no_gx"], "train_overrides": {"no_gx": {"adaptive_sparsity": {"target_fraction": 2}}}},
+     "train_overrides.no_gx", "the merged train section is invalid: key 'train.adaptive_sparsity.target_fraction'"),
 ])
 def test_item11_cross_field_rules_name_the_key(config, key, words):
     with pytest.raises(ConfigError) as caught:

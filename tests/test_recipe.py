@@ -1,5 +1,6 @@
 """Recipe options beyond the paper (issue 28): the gate warm-up and distillation from the dense parent."""
 
+import copy
 import csv
 import math
 from pathlib import Path
@@ -11,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import dsmoe
 from dsmoe import data
-from dsmoe.config import validate_config
+from dsmoe.config import validate_config, variant_train
 from dsmoe.hub import save_model
 from dsmoe.train import train, trainer
 from dsmoe.train.checkpoint import run_fingerprint
@@ -179,3 +180,29 @@ def test_no_distill_column_by_default(setup, tmp_path):
     _, init, data_dir = setup
     train(run_config(2), init, data_dir, tmp_path / "run")
     assert "distill_loss" not in read_log(tmp_path / "run")[0]
+
+
+# ---------------------------------------------------------------- per-variant train settings
+
+
+def test_variant_train_merges_one_variants_keys_over_train():
+    config = validate_config({"variants": ["dsmoe", "no_ste"], "train": {"lr": 1e-4, "adaptive_sparsity": {
+        "enabled": True, "target_fraction": 0.375, "ramp_steps": 60}},
+        "train_overrides": {"no_ste": {"adaptive_sparsity": {"target_fraction": 0.53}, "lr": "2e-4"}}})
+    merged = variant_train(config, "no_ste")
+    expected = copy.deepcopy(config["train"])
+    expected["adaptive_sparsity"]["target_fraction"], expected["lr"] = 0.53, 2e-4
+    assert merged == expected  # nested keys one by one: enabled and ramp_steps stay
+    assert variant_train(config, "dsmoe") == config["train"] and variant_train(config, None) == config["train"]
+    assert config["train"]["adaptive_sparsity"]["target_fraction"] == 0.375  # the config is not changed
+
+
+def test_the_trainer_applies_the_trained_variants_overrides(setup, tmp_path):
+    _, init, data_dir = setup
+    config = {**run_config(2), "train_overrides": {"no_ste": {"sparsity_lambda": 0.25}}}
+    train(config, init, data_dir, tmp_path / "dsmoe")  # the init's own variant, dsmoe: no override
+    train(config, init, data_dir, tmp_path / "no_ste", variant="no_ste")
+    assert [r["lambda"] for r in read_log(tmp_path / "dsmoe")] == [0.5, 0.5]
+    assert [r["lambda"] for r in read_log(tmp_path / "no_ste")] == [0.25, 0.25]
+    with pytest.raises(ValueError, match="different config"):  # the fingerprint holds the merged settings
+        train(config, init, data_dir, tmp_path / "dsmoe", variant="no_ste")

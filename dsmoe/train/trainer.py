@@ -15,6 +15,7 @@ the resume decision in checkpoint.py, stopping a diverged run in divergence.py, 
 """
 
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .. import data as data_module
 from ..atomic import check_out
+from ..config import variant_train
 from ..cpu import bf16_is_fast
 from ..model import dsmoe_layers
 from .checkpoint import clear_checkpoints, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
@@ -308,13 +310,21 @@ def train(config, init, data_dir, out, variant=None, overwrite=False, resume=Tru
 
     Resumes from the newest checkpoint in `out` of the same run unless `resume` is False; refuses
     checkpoints of a different config unless `overwrite`. With `milestones`, keeps the model at each of
-    the config's `eval.milestone_tokens` in `out/milestones/`. Returns the path of the final model (`out/model`)."""
+    the config's `eval.milestone_tokens` in `out/milestones/`. The variant's `train_overrides` apply (the init
+    model's own variant where `variant` is None). Returns the path of the final model (`out/model`)."""
+    config = {**config, "train": variant_train(config, variant or init_variant(init))}
     run = setup(config, init, data_dir, Path(out), variant, overwrite, resume, milestones)
     training_loop(run, stop)
     pruning = Path(init) / "pruning.json"
     extra_files = [pruning] if pruning.is_file() else []
     return save_final_model(run.accelerator, run.model, run.tokenizer, run.out / "model", run.dtype,
                             extra_files, overwrite)
+
+
+def init_variant(init):
+    """The DSMoE variant an init model was converted as (its config.json), None for a dense one."""
+    config = Path(init) / "config.json"
+    return json.loads(config.read_text()).get("variant") if config.is_file() else None
 
 
 def save_final_model(accelerator, model, tokenizer, path, dtype, extra_files=(), overwrite=False):

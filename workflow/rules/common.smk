@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from snakemake.utils import min_version, validate
 
-from dsmoe.config import check_cross_fields, coerce_numbers
+from dsmoe.config import check_cross_fields, coerce_numbers, variant_train
 from dsmoe.launch import FSDP_CONFIG, launch_prefix
 from dsmoe.names import (DENSE, DENSE_CONTINUED, DIAGNOSTIC_TABLES, DROP, FIXED_ROUTING, PRUNE_KINDS, RUN_DATA,
                          SIGMOID_VARIANTS, SWEEPS, TABLES, TOPK_VARIANTS, prune_method)

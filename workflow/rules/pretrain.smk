@@ -18,7 +18,7 @@ rule pretrain:
         model=directory(f"{RESULTS}/models/{{trained}}/model"),
     params:
         config=RUN_CONFIG,
-        train=config["train"],
+        train=lambda wildcards: variant_train(config, wildcards.trained),  # train_overrides: that row reruns alone
         variant=train_variant,
         launch=train_launcher,
         run_dir=subpath(output.model, parent=True),
