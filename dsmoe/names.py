@@ -13,6 +13,9 @@ SIGMOID_VARIANTS = tuple(v for v in VARIANTS if v not in TOPK_VARIANTS)  # gated
 NEAR_TAU = 0.05  # gate_margins.csv's near_tau_share: the share of σ(h·Y) within ±NEAR_TAU of τ
 ALL_ON = "@all_on"  # `dsmoe eval ppl --all-experts-on` labels its rows MODEL@all_on (every expert on at coefficient 1)
 
+# train keys that only log or checkpoint: two runs that differ in them train the same model
+LOG_ONLY_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "micro_batch_size", "all_experts_off_steps")
+
 DENSE = "dense"  # the base model as it comes
 DENSE_CONTINUED = "dense_continued"  # the base model trained on the same data and budget
 DROP = "drop_oracle"  # training-free partition and drop: an oracle on the dense FFN (it computes every expert)

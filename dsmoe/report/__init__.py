@@ -1,5 +1,6 @@
 """Tables, claims and figures of a run, beside the paper's published numbers (the notebooks use these)."""
 
+from .budget import budget_table
 from .bootstrap import PairedDiff, interpolation, paired_bootstrap, windows_of
 from .diagnostics import diagnostics_table, has_diagnostics, massive_table
 from .reproduced import claims, run_claims
@@ -14,6 +15,7 @@ __all__ = [
     "PAPER_RESULTS",
     "PairedDiff",
     "band_means",
+    "budget_table",
     "claims",
     "collect",
     "diagnostics_table",

@@ -1,4 +1,4 @@
-"""`dsmoe report collect | activated-pct | claims | seeds | summary` (old name: `dsmoe figures`, kept as an alias
+"""`dsmoe report collect | activated-pct | claims | seeds | budget | summary` (old name: `dsmoe figures`, kept as an alias
 for one release)."""
 
 from ..names import RUN_DATA
@@ -24,6 +24,12 @@ def register(subparsers):
     c.add_argument("--runs", nargs="+", required=True, help="run directories (results/<run_name>), the first the reference")
     c.add_argument("--model", default="dsmoe", help="the model compared (default %(default)s)")
     c.set_defaults(func=cmd_seeds)
+    c = commands.add_parser("budget", help="DSMoE against another model across runs that differ only in train.tokens: "
+                                           "which way the gap moves with tokens (tables/budget.csv and .md of the first run)")
+    c.add_argument("--runs", nargs="+", required=True, help="run directories (results/<run_name>); rows ordered by budget")
+    c.add_argument("--model", default="dsmoe", help="the model in DSMoE's place (default %(default)s)")
+    c.add_argument("--other", default="prune_sparsegpt", help="the model it is compared with, in each run (default %(default)s)")
+    c.set_defaults(func=cmd_budget)
     c = commands.add_parser("summary", help="print where a run's results are, its Table 1 rows and how to open the notebooks")
     c.add_argument("--run", required=True, help="run directory (results/<run_name>) with data/")
     c.set_defaults(func=cmd_summary)
@@ -60,6 +66,17 @@ def cmd_seeds(args):
 
     table = seed_table(args.runs, args.model)
     save_table(table, Path(args.runs[0]) / "tables", "seeds")
+    print(table.to_string(index=False))
+
+
+def cmd_budget(args):
+    from pathlib import Path
+
+    from . import save_table
+    from .budget import budget_table
+
+    table = budget_table(args.runs, args.model, args.other)
+    save_table(table, Path(args.runs[0]) / "tables", "budget")
     print(table.to_string(index=False))
 
 

@@ -18,14 +18,15 @@ MODEL_KEYS = ("base_model", "dtype", "dsmoe", "data", "train")
 COLUMNS = ["run", "seed", "model", "activated_params_pct", "ppl", "diff_vs_first", "ci_low", "ci_high"]
 
 
-def _settings(run):
-    """The settings of a run's models (`MODEL_KEYS`, train.seed left out) and its seed."""
+def _settings(run, varying, ignored=()):
+    """The settings of a run's models (`MODEL_KEYS`, less train.`varying` and the train keys in `ignored`)
+    and its train.`varying`."""
     config = run_config(run)
     if not config:
         raise ValueError(f"run {str(run)!r} has no config.yaml")
     settings = {key: config.get(key) for key in MODEL_KEYS}
-    settings["train"] = dict(settings["train"] or {})
-    return settings, settings["train"].pop("seed", None)
+    settings["train"] = {k: v for k, v in (settings["train"] or {}).items() if k not in ignored}
+    return settings, settings["train"].pop(varying, None)
 
 
 def _differences(a, b, prefix=""):
@@ -40,20 +41,26 @@ def _differences(a, b, prefix=""):
     return keys
 
 
-def check_same_but_seed(runs):
-    """The runs' seeds; a clear error if two runs' models differ in anything but train.seed."""
-    first, seeds = None, []
+def check_same_but(runs, varying, ignored=()):
+    """Each run's train.`varying`; a clear error if two runs' models differ in anything else (but the
+    train keys in `ignored`), or if two runs share a value of it."""
+    first, values = None, []
     for run in runs:
-        settings, seed = _settings(run)
+        settings, value = _settings(run, varying, ignored)
         if first is None:
             first = settings
         elif settings != first:
             raise ValueError(f"run {str(run)!r} differs from {str(runs[0])!r} in {_differences(first, settings)}, "
-                             "not only in train.seed")
-        seeds.append(seed)
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"the runs share a train.seed ({seeds}): no seed spread to show")
-    return seeds
+                             f"not only in train.{varying}")
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise ValueError(f"the runs share a train.{varying} ({values}): nothing varies between them")
+    return values
+
+
+def check_same_but_seed(runs):
+    """The runs' seeds; a clear error if two runs' models differ in anything but train.seed."""
+    return check_same_but(runs, "seed")
 
 
 def seed_table(runs, model="dsmoe"):
@@ -82,4 +89,4 @@ def seed_table(runs, model="dsmoe"):
     return pd.DataFrame(rows).reindex(columns=COLUMNS)
 
 
-__all__ = ["check_same_but_seed", "seed_table"]
+__all__ = ["check_same_but", "check_same_but_seed", "seed_table"]

@@ -16,10 +16,9 @@ from typing import NamedTuple
 
 import torch
 
-logger = logging.getLogger(__name__)
+from ..names import LOG_ONLY_KEYS  # changing them keeps a run resumable
 
-# train keys that do not change the trained weights: changing them keeps a run resumable
-LOG_ONLY_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "micro_batch_size", "all_experts_off_steps")
+logger = logging.getLogger(__name__)
 
 
 def run_fingerprint(config, variant, manifest, model):
