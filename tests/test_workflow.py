@@ -178,6 +178,17 @@ def test_config_change_reruns_only_its_readers(smoke_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_variants_train_overrides_retrain_that_variant_alone(smoke_run, tmp_path):
+    """train_overrides.no_ste reruns no-STE's training and what reads its model, no other training (dry run)."""
+    config = tmp_path / "smoke.yaml"
+    config.write_text(SMOKE.read_text() + "\ntrain_overrides: {no_ste: {sparsity_lambda: 0.25}}\n")
+    result = snakemake("--configfile", str(config), "-n", workdir=smoke_run)
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE))
+    assert jobs["pretrain"] == "1" and "convert" not in jobs and "prune" not in jobs, result.stdout
+    assert re.findall(r"wildcards: trained=(\w+)", result.stdout) == ["no_ste"]
+
+
+@pytest.mark.slow
 def test_interrupted_pretraining_resumes(smoke_run, tmp_path):
     """Kill the whole run (SIGKILL) after pretraining wrote a checkpoint; --rerun-incomplete resumes
     from it and reruns no finished rule. Works on a copy of the smoke run."""
