@@ -1,7 +1,7 @@
 """The committed CPU study runs (results/<run>/, `make cpu-study STUDY=<run>`): the first study, the mild and
-the paper level, their second seeds and the paper's own recipe. Their CSVs load through the notebooks' own code,
+the paper level, their second seeds, the mild level at 3x the budget and the paper's own recipe. Their CSVs load through the notebooks' own code,
 the tables and figures rebuild from them without rerunning anything (Table 1 and the claims compared with the
-committed ones, numbers to a tolerance; the seed spreads too), docs/results.md shows the first study's claims
+committed ones, numbers to a tolerance; the seed spreads and budget gaps too), docs/results.md shows the first study's claims
 as the run wrote them, the README's figures exist, and nothing large or a model weight is committed."""
 
 import re
@@ -21,12 +21,14 @@ STUDY = ROOT / "results" / "cpu-study"
 # each committed level: the models its Table 1 must hold
 LEVELS = {"cpu-study": {"dense", "dsmoe", "no_ste", "no_gx", "topk", "dense_continued", "prune_sparsegpt"},
           "cpu-study-mild": {"dense", "dsmoe", "topk", "dense_continued", "drop_oracle_top6", "prune_sparsegpt"},
-          "cpu-study-paper": {"dense", "dsmoe", "topk", "drop_oracle_top3", "prune_sparsegpt"},
+          "cpu-study-paper": {"dense", "dsmoe", "topk", "no_ste", "no_gx", "drop_oracle_top3", "prune_sparsegpt"},
+          "cpu-study-mild-3x": {"dense", "dsmoe", "prune_sparsegpt"},
           "cpu-study-mild-seed2": {"dense", "dsmoe"},
           "cpu-study-paper-seed2": {"dense", "dsmoe"},
           "cpu-study-paper-recipe": {"dense", "dsmoe"}}
 SEEDS = {"cpu-study-mild": ["cpu-study-mild", "cpu-study-mild-seed2"],
          "cpu-study-paper": ["cpu-study-paper", "cpu-study-paper-seed2"]}  # tables/seeds of the first run
+BUDGETS = {"cpu-study-mild": ["cpu-study-mild", "cpu-study-mild-3x"]}  # tables/budget of the first run
 
 
 def committed(name):
@@ -103,6 +105,15 @@ def test_the_seed_spreads_rebuild_from_the_committed_csvs(first, tmp_path):
         pytest.skip(f"{SEEDS[first]} not all committed")
     report.save_table(report.seed_table(runs), tmp_path, "seeds")
     assert_same_table(tmp_path / "seeds.csv", ROOT / "results" / first / "tables" / "seeds.csv")
+
+
+@pytest.mark.parametrize("first", list(BUDGETS))
+def test_the_budget_gaps_rebuild_from_the_committed_csvs(first, tmp_path):
+    runs = [ROOT / "results" / name for name in BUDGETS[first]]
+    if not all((run / "data" / "ppl.csv").is_file() for run in runs):
+        pytest.skip(f"{BUDGETS[first]} not all committed")
+    report.save_table(report.budget_table(runs), tmp_path, "budget")
+    assert_same_table(tmp_path / "budget.csv", ROOT / "results" / first / "tables" / "budget.csv")
 
 
 @pytest.mark.parametrize("name", list(LEVELS))
