@@ -28,7 +28,7 @@ LEVELS = {"cpu-study": {"dense", "dsmoe", "no_ste", "no_gx", "topk", "dense_cont
           "cpu-study-paper-recipe": {"dense", "dsmoe"}}
 SEEDS = {"cpu-study-mild": ["cpu-study-mild", "cpu-study-mild-seed2"],
          "cpu-study-paper": ["cpu-study-paper", "cpu-study-paper-seed2"]}  # tables/seeds of the first run
-BUDGETS = {"cpu-study-mild": ["cpu-study-mild", "cpu-study-mild-3x"]}  # tables/budget of the first run
+BUDGETS = {"cpu-study-mild": ["cpu-study-mild", "cpu-study-mild-3x"]}  # tables/budget of the first run (dsmoe report budget)
 
 
 def committed(name):
@@ -98,22 +98,17 @@ def test_the_docs_show_the_first_studys_claims_as_the_run_wrote_them_and_the_rea
         assert (ROOT / figure).is_file(), figure
 
 
-@pytest.mark.parametrize("first", list(SEEDS))
-def test_the_seed_spreads_rebuild_from_the_committed_csvs(first, tmp_path):
-    runs = [ROOT / "results" / name for name in SEEDS[first]]
-    if not all((run / "data" / "ppl.csv").is_file() for run in runs):
-        pytest.skip(f"{SEEDS[first]} not all committed")
-    report.save_table(report.seed_table(runs), tmp_path, "seeds")
-    assert_same_table(tmp_path / "seeds.csv", ROOT / "results" / first / "tables" / "seeds.csv")
+ACROSS_RUNS = [("seeds", runs) for runs in SEEDS.values()] + [("budget", runs) for runs in BUDGETS.values()]
 
 
-@pytest.mark.parametrize("first", list(BUDGETS))
-def test_the_budget_gaps_rebuild_from_the_committed_csvs(first, tmp_path):
-    runs = [ROOT / "results" / name for name in BUDGETS[first]]
+@pytest.mark.parametrize("kind, names", ACROSS_RUNS, ids=[f"{kind}-{names[0]}" for kind, names in ACROSS_RUNS])
+def test_the_seed_spreads_and_budget_gaps_rebuild_from_the_committed_csvs(kind, names, tmp_path):
+    runs = [ROOT / "results" / name for name in names]
     if not all((run / "data" / "ppl.csv").is_file() for run in runs):
-        pytest.skip(f"{BUDGETS[first]} not all committed")
-    report.save_table(report.budget_table(runs), tmp_path, "budget")
-    assert_same_table(tmp_path / "budget.csv", ROOT / "results" / first / "tables" / "budget.csv")
+        pytest.skip(f"{names} not all committed")
+    build = {"seeds": report.seed_table, "budget": report.budget_table}[kind]
+    report.save_table(build(runs), tmp_path, kind)
+    assert_same_table(tmp_path / f"{kind}.csv", runs[0] / "tables" / f"{kind}.csv")
 
 
 @pytest.mark.parametrize("name", list(LEVELS))
