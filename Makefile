@@ -26,7 +26,7 @@ demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
 	$(BIN)/dsmoe report summary --run results/default
 
-# JupyterLab on the notebooks (each reads results/default, else the committed results/cpu-study).
+# JupyterLab on the notebooks (each reads results/default, else the committed results/cpu-study-paper).
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/
 

@@ -18,7 +18,7 @@
 #
 # Reads a run's collected results (`results/<run>/data/`, written by the workflow's `collect` rule)
 # and writes each table as CSV and Markdown to `results/<run>/tables/` (with no run there yet, it shows
-# the committed CPU study, `results/cpu-study/`, and writes to a scratch folder). The paper's numbers come from
+# the committed CPU study's paper level, `results/cpu-study-paper/`, and writes to a scratch folder). The paper's numbers come from
 # `dsmoe/report/paper_results.yaml` (LLaMA-1B and LLaMA-7B; the embedded default uses SmolLM2-135M
 # and the offline stdlib tasks, so compare trends, not values).
 

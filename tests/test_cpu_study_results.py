@@ -1,7 +1,7 @@
 """The committed CPU study runs (results/<run>/, `make cpu-study STUDY=<run>`): the first study, the mild and
-the paper level, their second seeds and the paper's own recipe. Their CSVs load through the notebooks' own code,
+the paper level, their second seeds, the mild level at 3x the budget and the paper's own recipe. Their CSVs load through the notebooks' own code,
 the tables and figures rebuild from them without rerunning anything (Table 1 and the claims compared with the
-committed ones, numbers to a tolerance; the seed spreads too), docs/results.md shows the first study's claims
+committed ones, numbers to a tolerance; the seed spreads and budget gaps too), docs/results.md shows the first study's claims
 as the run wrote them, the README's figures exist, and nothing large or a model weight is committed."""
 
 import re
@@ -21,12 +21,14 @@ STUDY = ROOT / "results" / "cpu-study"
 # each committed level: the models its Table 1 must hold
 LEVELS = {"cpu-study": {"dense", "dsmoe", "no_ste", "no_gx", "topk", "dense_continued", "prune_sparsegpt"},
           "cpu-study-mild": {"dense", "dsmoe", "topk", "dense_continued", "drop_oracle_top6", "prune_sparsegpt"},
-          "cpu-study-paper": {"dense", "dsmoe", "topk", "drop_oracle_top3", "prune_sparsegpt"},
+          "cpu-study-paper": {"dense", "dsmoe", "topk", "no_ste", "no_gx", "drop_oracle_top3", "prune_sparsegpt"},
+          "cpu-study-mild-3x": {"dense", "dsmoe", "prune_sparsegpt"},
           "cpu-study-mild-seed2": {"dense", "dsmoe"},
           "cpu-study-paper-seed2": {"dense", "dsmoe"},
           "cpu-study-paper-recipe": {"dense", "dsmoe"}}
 SEEDS = {"cpu-study-mild": ["cpu-study-mild", "cpu-study-mild-seed2"],
          "cpu-study-paper": ["cpu-study-paper", "cpu-study-paper-seed2"]}  # tables/seeds of the first run
+BUDGETS = {"cpu-study-mild": ["cpu-study-mild", "cpu-study-mild-3x"]}  # tables/budget of the first run (dsmoe report budget)
 
 
 def committed(name):
@@ -96,13 +98,17 @@ def test_the_docs_show_the_first_studys_claims_as_the_run_wrote_them_and_the_rea
         assert (ROOT / figure).is_file(), figure
 
 
-@pytest.mark.parametrize("first", list(SEEDS))
-def test_the_seed_spreads_rebuild_from_the_committed_csvs(first, tmp_path):
-    runs = [ROOT / "results" / name for name in SEEDS[first]]
+ACROSS_RUNS = [("seeds", runs) for runs in SEEDS.values()] + [("budget", runs) for runs in BUDGETS.values()]
+
+
+@pytest.mark.parametrize("kind, names", ACROSS_RUNS, ids=[f"{kind}-{names[0]}" for kind, names in ACROSS_RUNS])
+def test_the_seed_spreads_and_budget_gaps_rebuild_from_the_committed_csvs(kind, names, tmp_path):
+    runs = [ROOT / "results" / name for name in names]
     if not all((run / "data" / "ppl.csv").is_file() for run in runs):
-        pytest.skip(f"{SEEDS[first]} not all committed")
-    report.save_table(report.seed_table(runs), tmp_path, "seeds")
-    assert_same_table(tmp_path / "seeds.csv", ROOT / "results" / first / "tables" / "seeds.csv")
+        pytest.skip(f"{names} not all committed")
+    build = {"seeds": report.seed_table, "budget": report.budget_table}[kind]
+    report.save_table(build(runs), tmp_path, kind)
+    assert_same_table(tmp_path / f"{kind}.csv", runs[0] / "tables" / f"{kind}.csv")
 
 
 @pytest.mark.parametrize("name", list(LEVELS))

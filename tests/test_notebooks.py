@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from dsmoe import report
+from dsmoe.report.run_data import FALLBACK_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -77,17 +78,17 @@ def test_notebook_runs_on_smoke_results(name, smoke_results, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tables", "heatmaps", "tau_curves"])
 def test_notebook_falls_back_to_the_committed_study(name, tmp_path):
-    """With no results/default, a notebook reads results/cpu-study, says so first, writes nothing there,
+    """With no results/default, a notebook reads results/cpu-study-paper, says so first, writes nothing there,
     and runs clean: no error, nothing on stderr, its figures shown."""
     import papermill
 
     from dsmoe.report import nbcheck
 
-    study = ROOT / "results" / "cpu-study"
+    study = ROOT / "results" / FALLBACK_RUN
     if not (study / "data" / "ppl.csv").is_file():
-        pytest.skip("results/cpu-study not committed")
+        pytest.skip(f"results/{FALLBACK_RUN} not committed")
     (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "cpu-study").symlink_to(study)
+    (tmp_path / "results" / FALLBACK_RUN).symlink_to(study)
     before = sorted(p.name for p in (study / "tables").iterdir())
     out = tmp_path / f"{name}.ipynb"
     papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), kernel_name="python3", progress_bar=False,

@@ -3,7 +3,7 @@ and checked (no error output, nothing on stderr, its figures shown).
 
 It starts JupyterLab on a loopback port (a random token) over a scratch folder that holds copies of
 notebooks/ and a link to results/, so the notebooks read results/default (or fall back to
-results/cpu-study) exactly as from the repository, and the committed .ipynb files stay stripped.
+results/cpu-study-paper) exactly as from the repository, and the committed .ipynb files stay stripped.
 Chromium (the system's, Debian package `chromium`) is driven through Playwright
 (`executable_path`; never `playwright install`). The server it started is stopped at the end.
 

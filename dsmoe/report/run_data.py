@@ -48,7 +48,7 @@ def load_run(run_dir):
             for name in RUN_DATA}
 
 
-FALLBACK_RUN = "cpu-study"  # committed (results/cpu-study/): what a notebook shows before any run
+FALLBACK_RUN = "cpu-study-paper"  # committed (results/cpu-study-paper/, with diagnostics): what a notebook shows before any run
 
 
 class Run(NamedTuple):
@@ -61,7 +61,7 @@ class Run(NamedTuple):
 
 def find_run(run_dir, fallback=FALLBACK_RUN, scratch=None):
     """The `Run` of `run_dir` where it holds collected results (data/ppl.csv), else of its sibling
-    `fallback` (results/cpu-study/, committed), saying so. A fallback run is read, never written: its
+    `fallback` (results/cpu-study-paper/, committed), saying so. A fallback run is read, never written: its
     tables and figures go to `scratch` (default: a folder under the system's temporary directory).
     A clear error where neither holds results."""
     run_dir = Path(run_dir)

@@ -7,7 +7,7 @@ from .run_data import load_paper, load_run
 from .tables import table1
 
 ROWS = ("dense", "dsmoe", "topk")  # and the first pruning baseline of the run
-OPEN_NOTEBOOKS = "make lab   (JupyterLab on notebooks/; each notebook reads results/default, else results/cpu-study)"
+OPEN_NOTEBOOKS = "make lab   (JupyterLab on notebooks/; each notebook reads results/default, else results/cpu-study-paper)"
 
 
 def table1_rows(ppl):
