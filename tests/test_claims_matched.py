@@ -104,6 +104,13 @@ def test_no_gx_sweep_inside_and_outside(points, expected):
     assert line["activated_pct_b"] == pytest.approx(60.0)  # ppl_a is no-G's, ppl_b DSMoE's
 
 
+def test_every_line_names_the_regime():
+    ppl = ppl_rows([("dsmoe", 10.0, 72.44), ("no_ste", 12.0, 60.0)])
+    table = claims_of(ppl, train_tokens=122880)
+    assert set(table["regime"]) == {"122,880 training tokens per model; DSMoE at 4.00 experts per token (72.4% of params)"}
+    assert set(claims_of(ppl_rows([("no_ste", 12.0, 60.0)]))["regime"]) == {"training tokens unknown"}
+
+
 def test_a_short_run_makes_no_quality_comparison():
     ppl = ppl_rows([("dsmoe", 10.0, 50.0), ("no_ste", 12.0, 60.0), ("topk", 11.0, 62.5), ("prune_sparsegpt", 11.0, 50.0)])
     short = claims_of(ppl, train_tokens=5120)

@@ -64,7 +64,7 @@ def test_notebook_runs_on_smoke_results(name, smoke_results, tmp_path):
         pruned = sum(m.startswith("prune_") for m in set(pd.read_csv(run_dir / "data" / "ppl.csv")["model"]))
         assert len(claims) == 8 + max(1, pruned) and set(claims["reproduced"]) <= {"yes", "no", "n/a", "not testable"}
         assert list(claims.columns) == ["claim", "reproduced", "evidence", "ppl_a", "ppl_b", "activated_pct_a",
-                                        "activated_pct_b", "diff", "ci_low", "ci_high"]
+                                        "activated_pct_b", "diff", "ci_low", "ci_high", "regime"]
         assert not claims["evidence"].str.contains("no per-window data").any()  # the workflow collects the windows
         assert (claims["ci_low"] != "").sum() >= 5  # the comparisons carry their intervals
         table56 = pd.read_csv(run_dir / "tables" / "table5_6.csv")

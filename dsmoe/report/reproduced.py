@@ -19,7 +19,7 @@ from .run_data import overall
 from .shape import w_shape_claim
 
 COLUMNS = ["claim", "reproduced", "evidence", "ppl_a", "ppl_b", "activated_pct_a", "activated_pct_b", "diff", "ci_low",
-           "ci_high"]
+           "ci_high", "regime"]
 NO_WINDOWS = "n/a: no per-window data"
 MONOTONE = "PPL against activated params is monotone in τ"
 DROP_CLAIM = "DSMoE beats the training-free top-k drop at matched activation"
@@ -245,12 +245,22 @@ def _token_claim(milestones, milestone_windows, short):
     return _compare(TOKENS, *sides, short)
 
 
+def regime(ours, train_tokens):
+    """Where a run's claims hold: the training tokens per model and DSMoE's activation at its τ."""
+    budget = "training tokens unknown" if train_tokens is None else f"{train_tokens:,.0f} training tokens per model"
+    if "dsmoe" not in ours.index:
+        return budget
+    row = ours.loc["dsmoe"]
+    return (f"{budget}; DSMoE at {row['mean_active_experts']:.2f} experts per token "
+            f"({row['activated_params_pct']:.1f}% of params)")
+
+
 def claims(ppl, sweep, layers=None, windows=None, sweep_windows=None, milestones=None, milestone_windows=None,
            train_tokens=None, drop=None, drop_windows=None):
     """One line per qualitative claim of the paper: reproduced yes/no/not testable/n/a, the numbers
     behind it, and for a perplexity comparison ppl_a, ppl_b, each side's activated params (%),
-    diff = ppl_a − ppl_b and its 95% interval (NaN elsewhere). Two-model comparisons follow
-    `dsmoe.report.matched` (its `RULE`).
+    diff = ppl_a − ppl_b and its 95% interval (NaN elsewhere), and the regime all lines hold in (`regime`).
+    Two-model comparisons follow `dsmoe.report.matched` (its `RULE`).
 
     `windows`, `sweep_windows`, `milestone_windows`, `drop_windows`: the per-window NLL of `dsmoe eval
     ppl | sweep | milestones`, `dsmoe baseline drop` (collected windows.csv, sweep_windows.csv,
@@ -267,7 +277,7 @@ def claims(ppl, sweep, layers=None, windows=None, sweep_windows=None, milestones
     lines.append(_line("W-shaped layer profile (§6.3; five equal layer bands, bands 1, 3, 5 each above bands 2 and 4)",
                        _yes_no(shaped), evidence))
     lines.append(_token_claim(milestones, milestone_windows, short))
-    return pd.DataFrame(lines, columns=COLUMNS)
+    return pd.DataFrame(lines, columns=COLUMNS).assign(regime=regime(ours, train_tokens))
 
 
 def run_claims(data, train_tokens=None):
