@@ -348,6 +348,23 @@ def test_token_claim_from_milestone_windows():
     assert line["reproduced"] == "n/a" and "no per-window data" in line["evidence"] and line["diff"] == pytest.approx(-50.0)
 
 
+def test_token_claim_takes_the_earliest_milestone_at_the_final_models_activation():
+    milestones = milestone_rows()
+    milestones["activated_params_pct"] = milestones["step"].map({5: 70.0, 10: 61.5, 20: 60.0})
+    ppl = ppl_rows([("dsmoe", 40.0, 60.0)])
+    claims = claims_of(ppl, sweep_rows({"dsmoe": CURVES["dsmoe"]}), milestones=milestones,
+                       milestone_windows=synthetic_windows(milestones))
+    line = claims.loc["PPL falls with continued-pretraining tokens"]
+    assert "vs earliest milestone at matched activation 60 after 1.28e+03 tokens" in line["evidence"]
+    assert line["reproduced"] == "yes" and line["diff"] == pytest.approx(40.0 - 60.0)
+    assert (line["activated_pct_a"], line["activated_pct_b"]) == pytest.approx((60.0, 61.5))
+    unmatched = milestones.assign(activated_params_pct=milestones["step"].map({5: 70.0, 10: 65.0, 20: 60.0}))
+    line = claims_of(ppl, sweep_rows({"dsmoe": CURVES["dsmoe"]}), milestones=unmatched,
+                     milestone_windows=synthetic_windows(unmatched)).loc["PPL falls with continued-pretraining tokens"]
+    assert "vs first milestone 90 after 640 tokens" in line["evidence"] and "10.0 points below" in line["evidence"]
+    assert line["reproduced"] == "yes"  # better with fewer parameters: the rule decides without a matched milestone
+
+
 def test_an_older_run_without_window_files_still_loads(tmp_path):
     data = tmp_path / "run" / "data"
     data.mkdir(parents=True)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .bootstrap import PairedDiff, interpolation, log_blend, paired_bootstrap, windows_of
-from .matched import NOT_TESTABLE, RULE, short_run, verdict, why  # noqa: F401 (RULE: the notebook states it)
+from .matched import NOT_TESTABLE, RULE, TOLERANCE_PCT, short_run, verdict, why  # noqa: F401 (RULE: the notebook states it)
 from .run_data import overall
 from .shape import w_shape_claim
 
@@ -230,18 +230,22 @@ def _milestone_windows(milestone_windows, row):
 
 
 def _token_claim(milestones, milestone_windows, short):
-    """Tables 5-6: the final model against the first milestone, "yes" when ppl(final) − ppl(first) is
-    below 0, under the matched-activation rule (the final model in DSMoE's place)."""
+    """Tables 5-6: the final model against the earliest milestone at matched activation (within
+    `TOLERANCE_PCT` points; else the first milestone), "yes" when ppl(final) − ppl(milestone) is below 0,
+    under the matched-activation rule (the final model in DSMoE's place)."""
     if milestones is None or milestones.empty or "source" not in milestones:
         return _line(TOKENS, "n/a", "no milestones in this run")
     ours = milestones[milestones["source"] == "all"].sort_values("train_tokens")
     final, kept = ours[_is_true(ours["final"])], ours[~_is_true(ours["final"])]
     if final.empty or kept.empty:
         return _line(TOKENS, "n/a", "the run needs a milestone and its final model")
-    last, first = final.iloc[-1], kept.iloc[0]
+    last = final.iloc[-1]
+    matched = kept[(kept["activated_params_pct"] - last["activated_params_pct"]).abs() <= TOLERANCE_PCT]
+    other = ("first milestone", kept.iloc[0]) if matched.empty or matched.index[0] == kept.index[0] else \
+        ("earliest milestone at matched activation", matched.iloc[0])
     sides = [Side(name, _milestone_windows(milestone_windows, row), float(row["ppl"]),
                   float(row.get("activated_params_pct", math.nan)), f" after {row['train_tokens']:.3g} tokens")
-             for name, row in (("final model", last), ("first milestone", first))]
+             for name, row in (("final model", last), other)]
     return _compare(TOKENS, *sides, short)
 
 
