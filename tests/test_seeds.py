@@ -60,7 +60,8 @@ def test_seed_table_equals_the_perplexities_and_a_brute_force_interval(tmp_path)
 
 
 @pytest.mark.parametrize("override, named", [({"train.lr": 2e-4}, "train.lr"), ({"dsmoe.tau": 0.6}, "dsmoe.tau"),
-                                             ({"data.seq_len": 16}, "data.seq_len")])
+                                             ({"data.seq_len": 16}, "data.seq_len"),
+                                             ({"train_overrides": {"dsmoe": {"lr": 2e-4}}}, "train.lr")])
 def test_runs_that_differ_beyond_the_seed_are_refused(tmp_path, override, named):
     rng = np.random.default_rng(0)
     first, _ = write_run(tmp_path, "a", 1, rng)

@@ -35,7 +35,7 @@ def budget_table(runs, model="dsmoe", other="prune_sparsegpt"):
     runs = [Path(r) for r in runs]
     if len(runs) < 2:
         raise ValueError("a budget comparison needs at least two runs")
-    tokens = check_same_but(runs, "tokens", ignored=LOG_ONLY_KEYS)
+    tokens = check_same_but(runs, "tokens", ignored=LOG_ONLY_KEYS, model=model)
     rows = []
     for run, budget in sorted(zip(runs, tokens), key=lambda pair: pair[1]):
         data = load_run(run)

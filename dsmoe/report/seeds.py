@@ -3,14 +3,15 @@
 Each run evaluates on the same validation windows (the data section is the same), so the runs are
 compared window by window as two models of one run are: each later run against the first, with a
 paired bootstrap interval (`dsmoe.report.bootstrap`). Runs whose settings that make the model and
-its validation windows (`MODEL_KEYS`: base model, dtype, the dsmoe and data sections, the train section
-less `seed`) differ are refused: their spread would not be a seed's. Other rows and baselines may differ.
+its validation windows (`MODEL_KEYS`: base model, dtype, the dsmoe and data sections, the model's train
+section with its train_overrides, less `seed`) differ are refused: their spread would not be a seed's. Other rows and baselines may differ.
 """
 
 from pathlib import Path
 
 import pandas as pd
 
+from ..config import variant_train
 from .bootstrap import paired_bootstrap, windows_of
 from .run_data import load_run, overall, run_config
 
@@ -18,14 +19,15 @@ MODEL_KEYS = ("base_model", "dtype", "dsmoe", "data", "train")
 COLUMNS = ["run", "seed", "model", "activated_params_pct", "ppl", "diff_vs_first", "ci_low", "ci_high"]
 
 
-def _settings(run, varying, ignored=()):
-    """The settings of a run's models (`MODEL_KEYS`, less train.`varying` and the train keys in `ignored`)
-    and its train.`varying`."""
+def _settings(run, model, varying, ignored=()):
+    """The settings of a run's `model` (`MODEL_KEYS`, its train section with the run's train_overrides of it,
+    less train.`varying` and the train keys in `ignored`) and its train.`varying`."""
     config = run_config(run)
     if not config:
         raise ValueError(f"run {str(run)!r} has no config.yaml")
     settings = {key: config.get(key) for key in MODEL_KEYS}
-    settings["train"] = {k: v for k, v in (settings["train"] or {}).items() if k not in ignored}
+    train = variant_train({"train": settings["train"] or {}, "train_overrides": config.get("train_overrides") or {}}, model)
+    settings["train"] = {k: v for k, v in train.items() if k not in ignored}
     return settings, settings["train"].pop(varying, None)
 
 
@@ -41,12 +43,12 @@ def _differences(a, b, prefix=""):
     return keys
 
 
-def check_same_but(runs, varying, ignored=()):
-    """Each run's train.`varying`; a clear error if two runs' models differ in anything else (but the
-    train keys in `ignored`), or if two runs share a value of it."""
+def check_same_but(runs, varying, ignored=(), model="dsmoe"):
+    """Each run's train.`varying`; a clear error if two runs' `model` settings differ in anything else (but
+    the train keys in `ignored`), or if two runs share a value of it."""
     first, values = None, []
     for run in runs:
-        settings, value = _settings(run, varying, ignored)
+        settings, value = _settings(run, model, varying, ignored)
         if first is None:
             first = settings
         elif settings != first:
@@ -58,9 +60,9 @@ def check_same_but(runs, varying, ignored=()):
     return values
 
 
-def check_same_but_seed(runs):
-    """The runs' seeds; a clear error if two runs' models differ in anything but train.seed."""
-    return check_same_but(runs, "seed")
+def check_same_but_seed(runs, model="dsmoe"):
+    """The runs' seeds; a clear error if two runs' `model` settings differ in anything but train.seed."""
+    return check_same_but(runs, "seed", model=model)
 
 
 def seed_table(runs, model="dsmoe"):
@@ -69,7 +71,7 @@ def seed_table(runs, model="dsmoe"):
     runs = [Path(r) for r in runs]
     if len(runs) < 2:
         raise ValueError("a seed spread needs at least two runs")
-    seeds = check_same_but_seed(runs)
+    seeds = check_same_but_seed(runs, model)
     rows, first_windows = [], None
     for run, seed in zip(runs, seeds):
         data = load_run(run)
