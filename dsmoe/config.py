@@ -238,7 +238,8 @@ def _override_errors(config):
     for variant, override in config["train_overrides"].items():
         key = f"train_overrides.{variant}"
         if variant not in config["variants"]:
-            errors.append((key, f"{variant} is not one of this run's variants ({', '.join(config['variants']) or 'none'})"))
+            trained = ", ".join(config["variants"]) or "none"
+            errors.append((key, f"{variant} is not one of this run's variants ({trained})"))
             continue
         trial = {**copy.deepcopy(config), "train": variant_train(config, variant), "train_overrides": {}}
         try:

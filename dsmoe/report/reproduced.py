@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from .bootstrap import PairedDiff, interpolation, log_blend, paired_bootstrap, windows_of
-from .matched import NOT_TESTABLE, RULE, TOLERANCE_PCT, short_run, verdict, why  # noqa: F401 (RULE: the notebook states it)
+from .matched import (NOT_TESTABLE, RULE, TOLERANCE_PCT, short_run, verdict,  # noqa: F401 (RULE: the notebook states it)
+                      why)
 from .run_data import overall
 from .shape import w_shape_claim
 

@@ -4,7 +4,8 @@ Each run evaluates on the same validation windows (the data section is the same)
 compared window by window as two models of one run are: each later run against the first, with a
 paired bootstrap interval (`dsmoe.report.bootstrap`). Runs whose settings that make the model and
 its validation windows (`MODEL_KEYS`: base model, dtype, the dsmoe and data sections, the model's train
-section with its train_overrides, less `seed`) differ are refused: their spread would not be a seed's. Other rows and baselines may differ.
+section with its train_overrides, less `seed`) differ are refused: their spread would not be a seed's.
+Other rows and baselines may differ.
 """
 
 from pathlib import Path
@@ -26,7 +27,8 @@ def _settings(run, model, varying, ignored=()):
     if not config:
         raise ValueError(f"run {str(run)!r} has no config.yaml")
     settings = {key: config.get(key) for key in MODEL_KEYS}
-    train = variant_train({"train": settings["train"] or {}, "train_overrides": config.get("train_overrides") or {}}, model)
+    overrides = config.get("train_overrides") or {}
+    train = variant_train({"train": settings["train"] or {}, "train_overrides": overrides}, model)
     settings["train"] = {k: v for k, v in train.items() if k not in ignored}
     return settings, settings["train"].pop(varying, None)
 
