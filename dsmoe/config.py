@@ -101,7 +101,11 @@ def coerce_numbers(config, schema=None):
             value[:] = [coerce(item, node["items"]) for item in value]
         return value
 
-    return coerce(config, schema)
+    coerce(config, schema)
+    for override in (config.get("train_overrides") or {}).values() if isinstance(config, dict) else ():
+        if isinstance(override, dict):  # a variant's train keys, coerced as train's own
+            coerce(override, schema["properties"]["train"])
+    return config
 
 
 def validate_config(config):
@@ -233,13 +237,23 @@ def variant_train(config, variant):
     return _merge(copy.deepcopy(config["train"]), config.get("train_overrides", {}).get(variant, {}))
 
 
+RUN_WIDE_TRAIN_KEYS = ("tokens", "seed")  # the data and the conversions are made once per run, from these
+
+
 def _override_errors(config):
+    """The variants' train_overrides, checked on a config whose other keys hold: each variant trained here,
+    no run-wide key, and the merged section a valid `train`."""
     errors = []
     for variant, override in config["train_overrides"].items():
         key = f"train_overrides.{variant}"
+        run_wide = [name for name in RUN_WIDE_TRAIN_KEYS if name in override]
         if variant not in config["variants"]:
             trained = ", ".join(config["variants"]) or "none"
             errors.append((key, f"{variant} is not one of this run's variants ({trained})"))
+            continue
+        if run_wide:
+            errors.append((f"{key}.{run_wide[0]}", f"train.{run_wide[0]} holds for the whole run (its data and "
+                                                    "conversions are made once): make another run instead"))
             continue
         trial = {**copy.deepcopy(config), "train": variant_train(config, variant), "train_overrides": {}}
         try:
@@ -254,8 +268,8 @@ def check_cross_fields(config):
 
     Raises one ConfigError that lists every broken rule with its key, so that a run stops before
     any job starts (the Snakemake workflow calls this too, right after its schema check)."""
-    errors = (_random_init_errors(config) + _dsmoe_errors(config) + _train_errors(config) + _source_errors(config)
-              + _override_errors(config))
+    errors = _random_init_errors(config) + _dsmoe_errors(config) + _train_errors(config) + _source_errors(config)
+    errors = errors or _override_errors(config)  # the overrides on a base that holds: only their own problems
     if errors:
         lines = [f"key {key!r}: {message}" for key, message in errors]
         if len(lines) == 1:

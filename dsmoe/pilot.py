@@ -24,12 +24,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from .config import variant_train
+
 logger = logging.getLogger(__name__)
 LOG_COLUMNS = ["step", "mean_active_fraction", "lambda", "lm_loss", "sparsity_loss"]
 
 
 def pilot_config(config, steps):
-    """The config of an N-step pilot: the token budget of `steps` batches, one checkpoint at the end."""
+    """The config of an N-step pilot: DSMoE's train section (its train_overrides merged), the token budget of
+    `steps` batches, one checkpoint at the end."""
+    config["train"], config["train_overrides"] = variant_train(config, "dsmoe"), {}  # the pilot trains DSMoE
     train = config["train"]
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")

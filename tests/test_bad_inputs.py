@@ -234,6 +234,8 @@ def test_item10_invalid_utf8_is_counted_and_refused_above_a_threshold(tmp_path, 
      "no_ste is not one of this run's variants (dsmoe)"),
     ({"variants": ["dsmoe", "no_gx"], "train_overrides": {"no_gx": {"adaptive_sparsity": {"target_fraction": 2}}}},
      "train_overrides.no_gx", "the merged train section is invalid: key 'train.adaptive_sparsity.target_fraction'"),
+    ({"variants": ["dsmoe", "no_ste"], "train_overrides": {"no_ste": {"tokens": 4096}}}, "train_overrides.no_ste.tokens",
+     "holds for the whole run"),
 ])
 def test_item11_cross_field_rules_name_the_key(config, key, words):
     with pytest.raises(ConfigError) as caught:

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import dsmoe
 from dsmoe import data
-from dsmoe.config import validate_config, variant_train
+from dsmoe.config import ConfigError, validate_config, variant_train
 from dsmoe.hub import save_model
 from dsmoe.train import train, trainer
 from dsmoe.train.checkpoint import run_fingerprint
@@ -195,6 +195,17 @@ def test_variant_train_merges_one_variants_keys_over_train():
     assert merged == expected  # nested keys one by one: enabled and ramp_steps stay
     assert variant_train(config, "dsmoe") == config["train"] and variant_train(config, None) == config["train"]
     assert config["train"]["adaptive_sparsity"]["target_fraction"] == 0.375  # the config is not changed
+
+
+def test_overrides_are_coerced_as_train_and_checked_once():
+    config = validate_config({"variants": ["dsmoe", "no_ste"], "train_overrides": {"no_ste": {
+        "mixed_precision": False, "batch_size": "8", "lr": "2e-4"}}})  # YAML 1.1: `no`, a quoted 8, 2e-4
+    assert {k: variant_train(config, "no_ste")[k] for k in ("mixed_precision", "batch_size", "lr")} == {
+        "mixed_precision": "no", "batch_size": 8, "lr": 2e-4}
+    with pytest.raises(ConfigError) as caught:  # a broken base is reported once, not again per override
+        validate_config({"variants": ["no_ste"], "train": {"tokens": 10},
+                         "train_overrides": {"no_ste": {"lr": 1e-3}}})
+    assert "train_overrides" not in str(caught.value) and "'train.tokens'" in str(caught.value)
 
 
 def test_the_trainer_applies_the_trained_variants_overrides(setup, tmp_path):

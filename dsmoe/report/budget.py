@@ -4,15 +4,15 @@
 Each run compares DSMoE with another model of the same run (SparseGPT pruned to that run's DSMoE
 activation, by default) window by window, as its claims do: ppl(DSMoE) − ppl(other) with a paired
 bootstrap interval (`dsmoe.report.bootstrap`). The rows, one per run, put those gaps side by side.
-Runs whose model settings differ in anything but `train.tokens` (and the train keys that only log or
-checkpoint, `LOG_ONLY_KEYS`) are refused: their gaps would differ for another reason than the budget.
+Runs whose settings of either model (base model, dtype, the dsmoe and data sections, the model's train
+section) differ in anything but `train.tokens` and the train keys that only log or checkpoint are refused:
+their gaps would differ for another reason than the budget. The baselines section is not compared.
 """
 
 from pathlib import Path
 
 import pandas as pd
 
-from ..names import LOG_ONLY_KEYS
 from .bootstrap import paired_bootstrap, windows_of
 from .matched import TOLERANCE_PCT
 from .run_data import load_run, overall
@@ -35,7 +35,8 @@ def budget_table(runs, model="dsmoe", other="prune_sparsegpt"):
     runs = [Path(r) for r in runs]
     if len(runs) < 2:
         raise ValueError("a budget comparison needs at least two runs")
-    tokens = check_same_but(runs, "tokens", ignored=LOG_ONLY_KEYS, model=model)
+    tokens = check_same_but(runs, "tokens", model=model)
+    check_same_but(runs, "tokens", model=other)  # its train section too (a variant's train_overrides)
     rows = []
     for run, budget in sorted(zip(runs, tokens), key=lambda pair: pair[1]):
         data = load_run(run)

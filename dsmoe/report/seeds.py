@@ -4,7 +4,7 @@ Each run evaluates on the same validation windows (the data section is the same)
 compared window by window as two models of one run are: each later run against the first, with a
 paired bootstrap interval (`dsmoe.report.bootstrap`). Runs whose settings that make the model and
 its validation windows (`MODEL_KEYS`: base model, dtype, the dsmoe and data sections, the model's train
-section with its train_overrides, less `seed`) differ are refused: their spread would not be a seed's.
+section with its train_overrides, less `seed` and the keys that only log or checkpoint) differ are refused: their spread would not be a seed's.
 Other rows and baselines may differ.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import variant_train
+from ..names import LOG_ONLY_KEYS
 from .bootstrap import paired_bootstrap, windows_of
 from .run_data import load_run, overall, run_config
 
@@ -45,9 +46,9 @@ def _differences(a, b, prefix=""):
     return keys
 
 
-def check_same_but(runs, varying, ignored=(), model="dsmoe"):
+def check_same_but(runs, varying, ignored=LOG_ONLY_KEYS, model="dsmoe"):
     """Each run's train.`varying`; a clear error if two runs' `model` settings differ in anything else (but
-    the train keys in `ignored`), or if two runs share a value of it."""
+    the train keys in `ignored`: those that only log or checkpoint), or if two runs share a value of it."""
     first, values = None, []
     for run in runs:
         settings, value = _settings(run, model, varying, ignored)
