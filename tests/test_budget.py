@@ -1,16 +1,13 @@
 """`dsmoe report budget`: DSMoE against another model across runs that differ only in train.tokens, on
 synthetic runs, against the perplexities written out plainly and a brute-force bootstrap (tests/test_seeds.py)."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from dsmoe.report.budget import budget_table
-from test_seeds import brute_force_interval
+from test_seeds import assert_the_cli_writes_the_first_runs_table, brute_force_interval
 
 SOURCES = {"code": 6, "prose": 4}
 
@@ -63,10 +60,5 @@ def test_runs_that_differ_beyond_the_budget_are_refused(tmp_path, train, named):
 
 def test_the_cli_writes_the_first_runs_budget_table(tmp_path):
     rng = np.random.default_rng(1)
-    first, _ = write_run(tmp_path, "a", 1000, rng)
-    second, _ = write_run(tmp_path, "b", 3000, rng)
-    subprocess.run([sys.executable, "-m", "dsmoe", "report", "budget", "--runs", str(first), str(second)], check=True,
-                   capture_output=True)
-    written = pd.read_csv(first / "tables" / "budget.csv")
-    pd.testing.assert_frame_equal(written, budget_table([first, second]), check_dtype=False)
-    assert (first / "tables" / "budget.md").is_file()
+    runs = [write_run(tmp_path, name, tokens, rng)[0] for name, tokens in (("a", 1000), ("b", 3000))]
+    assert_the_cli_writes_the_first_runs_table("budget", runs, budget_table)

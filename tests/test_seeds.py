@@ -83,12 +83,16 @@ def test_one_run_a_shared_seed_or_a_missing_model_is_refused(tmp_path):
         seed_table([first, other], model="topk")
 
 
+def assert_the_cli_writes_the_first_runs_table(kind, runs, build):
+    """`dsmoe report KIND --runs ...` writes tables/KIND.csv and .md of the first run: the table `build` makes."""
+    subprocess.run([sys.executable, "-m", "dsmoe", "report", kind, "--runs", *map(str, runs)], check=True,
+                   capture_output=True)
+    written = pd.read_csv(runs[0] / "tables" / f"{kind}.csv")
+    pd.testing.assert_frame_equal(written, build(runs), check_dtype=False)
+    assert (runs[0] / "tables" / f"{kind}.md").is_file()
+
+
 def test_the_cli_writes_the_first_runs_seed_table(tmp_path):
     rng = np.random.default_rng(1)
-    first, _ = write_run(tmp_path, "a", 1, rng)
-    second, _ = write_run(tmp_path, "b", 2, rng)
-    subprocess.run([sys.executable, "-m", "dsmoe", "report", "seeds", "--runs", str(first), str(second)], check=True,
-                   capture_output=True)
-    written = pd.read_csv(first / "tables" / "seeds.csv")
-    pd.testing.assert_frame_equal(written, seed_table([first, second]), check_dtype=False)
-    assert (first / "tables" / "seeds.md").is_file()
+    runs = [write_run(tmp_path, name, seed, rng)[0] for name, seed in (("a", 1), ("b", 2))]
+    assert_the_cli_writes_the_first_runs_table("seeds", runs, seed_table)
