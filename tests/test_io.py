@@ -95,11 +95,18 @@ with atomic_dir(sys.argv[1], "model") as tmp:
 """
 
 
+def signals_as_from_a_shell():
+    """In the child before exec: no signal blocked and SIGINT at its default, whatever this test worker
+    inherited or set (a fresh clone's `make test` once saw the writer ignore SIGINT for 60 s)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_removes_the_temporary_folder(tmp_path, signum):
     """Issue 12.4: a write stopped by SIGTERM (scancel, snakemake) or SIGINT (Ctrl-C) leaves no `.NAME.*`."""
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "model")], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.DEVNULL, text=True, preexec_fn=signals_as_from_a_shell)
     assert proc.stdout.readline().strip() == "ready"
     assert len(list(tmp_path.iterdir())) == 1  # the temporary folder, model-sized
     proc.send_signal(signum)
