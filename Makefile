@@ -44,7 +44,7 @@ lab-check: $(STAMP)
 # 2 cores run 7x slower than one (measured), and the single-threaded parts of jobs overlap.
 # The DSMoE chain (train, evaluate, prune SparseGPT to its activation, train that) goes first: it is the longest.
 # STUDY picks the run (config/README.md): cpu-study, cpu-study-mild, cpu-study-paper, their -seed2 runs, cpu-study-mild-3x,
-# cpu-study-paper-3of8, cpu-study-paper-recipe.
+# cpu-study-paper-3of8 (and its -seed2), cpu-study-paper-recipe.
 STUDY ?= cpu-study
 STUDY_RULES := base_model data convert pretrain prune drop_sweep drop_topk eval_ppl eval_all_on eval_massive tau_sweep lm_eval \
 	eval_milestones notebook_explorer

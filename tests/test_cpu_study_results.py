@@ -27,9 +27,11 @@ LEVELS = {"cpu-study": {"dense", "dsmoe", "no_ste", "no_gx", "topk", "dense_cont
           "cpu-study-paper-3of8": {"dense", "dsmoe", "topk", "drop_oracle_top3", "prune_sparsegpt"},
           "cpu-study-mild-seed2": {"dense", "dsmoe"},
           "cpu-study-paper-seed2": {"dense", "dsmoe"},
+          "cpu-study-paper-3of8-seed2": {"dense", "dsmoe"},
           "cpu-study-paper-recipe": {"dense", "dsmoe"}}
 SEEDS = {"cpu-study-mild": ["cpu-study-mild", "cpu-study-mild-seed2"],
-         "cpu-study-paper": ["cpu-study-paper", "cpu-study-paper-seed2"]}  # tables/seeds of the first run
+         "cpu-study-paper": ["cpu-study-paper", "cpu-study-paper-seed2"],
+         "cpu-study-paper-3of8": ["cpu-study-paper-3of8", "cpu-study-paper-3of8-seed2"]}  # tables/seeds of the first run
 BUDGETS = {"cpu-study-mild": ["cpu-study-mild", "cpu-study-mild-3x"]}  # tables/budget of the first run (dsmoe report budget)
 
 
