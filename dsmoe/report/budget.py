@@ -16,16 +16,10 @@ import pandas as pd
 from .bootstrap import paired_bootstrap, windows_of
 from .matched import TOLERANCE_PCT
 from .run_data import load_run, overall
-from .seeds import check_same_but
+from .seeds import check_same_but, model_point
 
 COLUMNS = ["run", "train_tokens", "model", "activated_params_pct", "ppl", "other", "other_activated_params_pct",
            "other_ppl", "matched", "diff", "ci_low", "ci_high"]
-
-
-def _side(ours, run, model):
-    if model not in ours.index:
-        raise ValueError(f"run {str(run)!r} has no model {model!r} in data/ppl.csv")
-    return float(ours.loc[model, "activated_params_pct"]), float(ours.loc[model, "ppl"])
 
 
 def budget_table(runs, model="dsmoe", other="prune_sparsegpt"):
@@ -41,7 +35,7 @@ def budget_table(runs, model="dsmoe", other="prune_sparsegpt"):
     for run, budget in sorted(zip(runs, tokens), key=lambda pair: pair[1]):
         data = load_run(run)
         ours = overall(data["ppl"])
-        (pct, ppl), (other_pct, other_ppl) = _side(ours, run, model), _side(ours, run, other)
+        (pct, ppl), (other_pct, other_ppl) = model_point(ours, run, model), model_point(ours, run, other)
         diff = paired_bootstrap(windows_of(data["windows"], model=model), windows_of(data["windows"], model=other),
                                 (model, other))
         rows.append({"run": run.name, "train_tokens": budget, "model": model, "activated_params_pct": pct, "ppl": ppl,

@@ -4,8 +4,8 @@ Each run evaluates on the same validation windows (the data section is the same)
 compared window by window as two models of one run are: each later run against the first, with a
 paired bootstrap interval (`dsmoe.report.bootstrap`). Runs whose settings that make the model and
 its validation windows (`MODEL_KEYS`: base model, dtype, the dsmoe and data sections, the model's train
-section with its train_overrides, less `seed` and the keys that only log or checkpoint) differ are refused: their spread would not be a seed's.
-Other rows and baselines may differ.
+section with its train_overrides, less `seed` and the keys that only log or checkpoint) differ are refused:
+their spread would not be a seed's. Other rows and baselines may differ.
 """
 
 from pathlib import Path
@@ -68,6 +68,13 @@ def check_same_but_seed(runs, model="dsmoe"):
     return check_same_but(runs, "seed", model=model)
 
 
+def model_point(ours, run, model):
+    """`model`'s activated params (%) and perplexity in a run's overall rows; a clear error where it is missing."""
+    if model not in ours.index:
+        raise ValueError(f"run {str(run)!r} has no model {model!r} in data/ppl.csv")
+    return float(ours.loc[model, "activated_params_pct"]), float(ours.loc[model, "ppl"])
+
+
 def seed_table(runs, model="dsmoe"):
     """One row per run: `model`'s activated params (%) and perplexity at its τ; for every run after the
     first, its ppl minus the first run's and the 95% paired bootstrap interval of that difference."""
@@ -78,13 +85,9 @@ def seed_table(runs, model="dsmoe"):
     rows, first_windows = [], None
     for run, seed in zip(runs, seeds):
         data = load_run(run)
-        ours = overall(data["ppl"])
-        if model not in ours.index:
-            raise ValueError(f"run {str(run)!r} has no model {model!r} in data/ppl.csv")
+        pct, ppl = model_point(overall(data["ppl"]), run, model)
         windows = windows_of(data["windows"], model=model)
-        row = {"run": run.name, "seed": seed, "model": model,
-               "activated_params_pct": float(ours.loc[model, "activated_params_pct"]),
-               "ppl": float(ours.loc[model, "ppl"])}
+        row = {"run": run.name, "seed": seed, "model": model, "activated_params_pct": pct, "ppl": ppl}
         if first_windows is None:
             first_windows = windows
         else:
